@@ -1,0 +1,440 @@
+"""Agent: a process-level mode.Service that hosts behaviours on one AMQP connection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar, TypeVar
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+from mode import Service
+from pydantic import BaseModel, ValidationError
+
+from mesh import logcontext, topology
+from mesh.behaviour import Behaviour, BehaviourStatus, collect_routes
+from mesh.config import Settings
+from mesh.deadletter import DeadLetters
+from mesh.envelope import (
+    EnvelopeError,
+    Message,
+    MessageType,
+    from_amqp,
+    to_amqp,
+)
+from mesh.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class RequestTimeout(TimeoutError):
+    """No reply arrived in time; the request may still be handled later."""
+
+
+class RemoteError(RuntimeError):
+    """The remote handler failed, refused the request, or nobody serves the operation."""
+
+    def __init__(self, agent: str, operation: str, error_type: str, detail: str) -> None:
+        super().__init__(f"{agent}.{operation} failed: {error_type}: {detail}")
+        self.agent = agent
+        self.operation = operation
+        self.error_type = error_type
+        self.detail = detail
+
+
+class AgentStopped(RuntimeError):
+    """The agent stopped while a request was waiting for its reply."""
+
+
+class BehaviourInfo(BaseModel):
+    name: str
+    kind: str
+    status: BehaviourStatus
+    exit_code: int | None
+    binding_keys: list[str]
+
+
+class PingReply(BaseModel):
+    """What an agent instance answers to a ping."""
+
+    agent: str
+    instance: str
+    capabilities: list[str]
+    behaviours: list[BehaviourInfo]
+    host: str
+    pid: int
+    started_at: datetime
+
+
+class RPCBehaviour(Behaviour):
+    """Serves the ``@rpc`` operations declared on the agent class itself."""
+
+    name = "rpc"
+    kind = "rpc"
+    max_concurrency = 8
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(agent)
+        self.routes = collect_routes(agent)
+        self._operations = {r.spec.operation: r for r in self.routes if r.spec.operation}
+
+
+class Agent(Service):  # type: ignore[misc]
+    """An agent instance: behaviours, a connection, an inbox for replies and control.
+
+    Subclass it, list ``behaviours`` and ``capabilities``, declare ``@rpc`` methods,
+    and run it with ``mesh run module:Class --id NAME`` or ``async with Agent(...)``.
+    """
+
+    capabilities: ClassVar[list[str]] = []
+    behaviours: ClassVar[list[type[Behaviour]]] = []
+    version: ClassVar[str] = "0"
+
+    def __init__(
+        self,
+        id: str,
+        *,
+        settings: Settings | None = None,
+        instance: str | None = None,
+    ) -> None:
+        self.id = topology.check_name("agent id", id)
+        self.instance = topology.check_name("instance id", instance or uuid.uuid4().hex[:8])
+        self.settings = settings or Settings.from_env()
+        self.shutdown_timeout = self.settings.shutdown_timeout
+        self.transport = Transport(self.settings, f"{self.id}/{self.instance}")
+        self.dead_letters = DeadLetters(self.transport, self.id)
+        self.started_at = datetime.now(UTC)
+        self.behaviour_map: dict[str, Behaviour] = {}
+        self._pending: dict[str, asyncio.Future[Message]] = {}
+        self._collectors: dict[str, asyncio.Queue[Message]] = {}
+        self._inbox_channel: AbstractRobustChannel | None = None
+        self._inbox: AbstractQueue | None = None
+        super().__init__()
+        for cls in self._behaviour_classes():
+            behaviour = cls(self)
+            if behaviour.name in self.behaviour_map:
+                raise ValueError(f"{type(self).__name__}: two behaviours named {behaviour.name!r}")
+            self.behaviour_map[behaviour.name] = behaviour
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id}/{self.instance}>"
+
+    def _behaviour_classes(self) -> list[type[Behaviour]]:
+        classes = list(self.behaviours)
+        if any(r.spec.operation for r in collect_routes(self)):
+            classes.append(RPCBehaviour)
+        return classes
+
+    @property
+    def reply_to(self) -> str:
+        return topology.reply_key(self.id, self.instance)
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        logcontext.agent_id.set(self.id)
+        await self.transport.connect()
+        await topology.declare_exchanges(self.transport.channel)
+        await self._open_inbox()
+        for behaviour in self.behaviour_map.values():
+            if behaviour.autostart:
+                await behaviour.start()
+        logger.info("agent %s/%s started with behaviours %s",
+                    self.id, self.instance, ", ".join(self.behaviour_map) or "(none)")
+
+    async def on_stop(self) -> None:
+        await asyncio.gather(*(b.stop() for b in self.behaviour_map.values()))
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(AgentStopped(f"agent {self.id} stopped"))
+        if self._inbox_channel is not None:
+            try:
+                await self._inbox_channel.close()
+            except Exception as exc:  # the connection closes next anyway
+                logger.debug("closing inbox channel: %r", exc)
+        await self.transport.close()
+        logger.info("agent %s/%s stopped", self.id, self.instance)
+
+    async def _open_inbox(self) -> None:
+        self._inbox_channel = await self.transport.open_channel(prefetch=self.settings.prefetch)
+        self._inbox = await topology.declare_private_queue(
+            self._inbox_channel,
+            topology.inbox_queue(self.id, self.instance),
+            [
+                self.reply_to,
+                topology.error_key(self.id, self.instance),
+                topology.control_key(self.id, "*"),
+                topology.control_key(topology.ALL_AGENTS, "*"),
+            ],
+        )
+        await self._inbox.consume(self._on_inbox, no_ack=True)
+
+    def behaviour_changed(self, behaviour: Behaviour) -> None:
+        logger.debug("behaviour %s is %s", behaviour.name, behaviour.status)
+
+    # --- behaviours at runtime -------------------------------------------------------
+
+    def behaviour(self, name: str) -> Behaviour:
+        try:
+            return self.behaviour_map[name]
+        except KeyError:
+            raise KeyError(
+                f"agent {self.id} has no behaviour {name!r} "
+                f"(it has: {', '.join(self.behaviour_map) or 'none'})"
+            ) from None
+
+    async def start_behaviour(self, name: str) -> Behaviour:
+        behaviour = self.behaviour(name)
+        await behaviour.start()
+        return behaviour
+
+    async def stop_behaviour(self, name: str, exit_code: int = 0) -> Behaviour:
+        behaviour = self.behaviour(name)
+        await behaviour.stop(exit_code)
+        return behaviour
+
+    # --- sending ---------------------------------------------------------------------
+
+    async def send(self, message: Message, routing_key: str) -> None:
+        """Publish a fully built message through the policy exchange."""
+        await self.transport.publish(
+            topology.POLICY_EXCHANGE, routing_key, to_amqp(message, user_id=self.transport.user)
+        )
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        behaviour: str | None = None,
+        headers: dict[str, Any] | None = None,
+        expiration: float | None = None,
+    ) -> str:
+        """Publish an event through the gateway; returns its message id once confirmed."""
+        topology.check_topic(topic)
+        message = Message(
+            topic=topic,
+            payload=payload,
+            app_id=self.id,
+            instance=self.instance,
+            behaviour=behaviour,
+            headers=headers or {},
+            expiration=expiration,
+        )
+        await self.send(message, topic)
+        return message.message_id
+
+    async def request(
+        self,
+        agent: str,
+        operation: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        behaviour: str | None = None,
+        model: type[M] | None = None,
+    ) -> Any:
+        """Call ``operation`` on one instance of ``agent``; return the reply's payload.
+
+        Raises ``RequestTimeout`` when no reply comes within ``timeout`` seconds and
+        ``RemoteError`` when the handler failed or nobody serves the operation.
+        """
+        timeout = self.settings.request_timeout if timeout is None else timeout
+        key = topology.request_key(
+            topology.check_name("agent id", agent), topology.check_name("operation", operation)
+        )
+        correlation = uuid.uuid4().hex
+        message = Message(
+            topic=key,
+            payload=payload,
+            type=MessageType.REQUEST,
+            app_id=self.id,
+            instance=self.instance,
+            behaviour=behaviour,
+            correlation_id=correlation,
+            reply_to=self.reply_to,
+            expiration=timeout,
+        )
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = future
+        try:
+            await self.send(message, key)
+            reply = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply from {agent}.{operation} within {timeout:g}s "
+                f"(request {message.message_id})"
+            ) from None
+        finally:
+            self._pending.pop(correlation, None)
+        if reply.type is MessageType.ERROR:
+            body = reply.payload if isinstance(reply.payload, dict) else {}
+            raise RemoteError(
+                agent, operation, str(body.get("type", "Error")), str(body.get("error", body))
+            )
+        if model is not None:
+            return model.model_validate(reply.payload)
+        return reply.payload
+
+    async def reply(self, request: Message, result: Any, *, error: bool = False) -> None:
+        """Answer ``request`` on its reply route (a no-op for requests that want none)."""
+        if not request.reply_to or not request.correlation_id:
+            logger.warning("request %s has no reply route; result dropped", request.message_id)
+            return
+        message = Message(
+            topic=request.reply_to,
+            payload=result,
+            type=MessageType.ERROR if error else MessageType.REPLY,
+            app_id=self.id,
+            instance=self.instance,
+            correlation_id=request.correlation_id,
+        )
+        await self.send(message, request.reply_to)
+
+    async def control(
+        self,
+        agent: str,
+        command: str,
+        payload: Any = None,
+        *,
+        timeout: float = 1.0,
+        expect: int | None = None,
+    ) -> list[Message]:
+        """Send a control command to every instance of ``agent`` (``_all``: every agent).
+
+        Collects replies until ``timeout`` or until ``expect`` replies arrived.
+        """
+        key = topology.control_key(agent, command)
+        correlation = uuid.uuid4().hex
+        replies: asyncio.Queue[Message] = asyncio.Queue()
+        self._collectors[correlation] = replies
+        message = Message(
+            topic=key,
+            payload=payload,
+            type=MessageType.CONTROL,
+            app_id=self.id,
+            instance=self.instance,
+            correlation_id=correlation,
+            reply_to=self.reply_to,
+            expiration=timeout,
+        )
+        collected: list[Message] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await self.send(message, key)
+            while expect is None or len(collected) < expect:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    collected.append(await asyncio.wait_for(replies.get(), remaining))
+                except TimeoutError:
+                    break
+        finally:
+            self._collectors.pop(correlation, None)
+        return collected
+
+    async def ping(
+        self, agent: str = topology.ALL_AGENTS, *, timeout: float = 1.0
+    ) -> list[PingReply]:
+        """Ping every instance of ``agent`` (default: all agents); list who answered."""
+        answers = await self.control(agent, "ping", timeout=timeout)
+        replies = []
+        for answer in answers:
+            try:
+                replies.append(PingReply.model_validate(answer.payload))
+            except ValidationError as exc:
+                logger.warning("malformed ping reply from %s: %s", answer.app_id, exc)
+        return sorted(replies, key=lambda r: (r.agent, r.instance))
+
+    # --- the inbox -------------------------------------------------------------------
+
+    async def _on_inbox(self, incoming: AbstractIncomingMessage) -> None:
+        try:
+            message = from_amqp(incoming)
+        except EnvelopeError as exc:
+            logger.warning("dropping malformed inbox message %s: %s", incoming.message_id, exc)
+            return
+        with logcontext.handling(message.message_id):
+            if message.type is MessageType.CONTROL:
+                await self._on_control(message)
+            else:
+                self._on_reply(message)
+
+    def _on_reply(self, message: Message) -> None:
+        correlation = message.correlation_id or ""
+        future = self._pending.get(correlation)
+        if future is not None:
+            if not future.done():
+                future.set_result(message)
+            return
+        collector = self._collectors.get(correlation)
+        if collector is not None:
+            collector.put_nowait(message)
+            return
+        if message.type is MessageType.ERROR and correlation == "":
+            logger.warning("error notice from %s: %s", message.app_id, message.payload)
+            return
+        logger.info("late or unknown %s %s from %s dropped (correlation %s)",
+                    message.type, message.message_id, message.app_id, correlation)
+
+    async def _on_control(self, message: Message) -> None:
+        command = message.topic.rsplit(".", 1)[-1]
+        args = message.payload if isinstance(message.payload, dict) else {}
+        try:
+            result = await self._control_command(command, args)
+        except (KeyError, ValueError) as exc:
+            await self.reply(
+                message, {"error": str(exc).strip("'\""), "type": type(exc).__name__}, error=True
+            )
+            return
+        await self.reply(message, result)
+        if command == "shutdown":
+            asyncio.get_running_loop().create_task(self._shutdown())
+
+    async def _control_command(self, command: str, args: dict[str, Any]) -> Any:
+        if command == "ping":
+            return self.describe().model_dump(mode="json")
+        if command in ("start_behaviour", "stop_behaviour"):
+            name = str(args.get("behaviour", ""))
+            if command == "start_behaviour":
+                behaviour = await self.start_behaviour(name)
+            else:
+                behaviour = await self.stop_behaviour(name)
+            return self._behaviour_info(behaviour).model_dump(mode="json")
+        if command == "shutdown":
+            return {"agent": self.id, "instance": self.instance, "shutting_down": True}
+        raise ValueError(f"unknown control command {command!r}")
+
+    async def _shutdown(self) -> None:
+        logger.info("shutdown requested over the mesh")
+        root = self.beacon.root
+        target = root.data if root is not None and root.data is not None else self
+        await target.stop()
+
+    def describe(self) -> PingReply:
+        return PingReply(
+            agent=self.id,
+            instance=self.instance,
+            capabilities=list(self.capabilities),
+            behaviours=[self._behaviour_info(b) for b in self.behaviour_map.values()],
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+        )
+
+    @staticmethod
+    def _behaviour_info(behaviour: Behaviour) -> BehaviourInfo:
+        return BehaviourInfo(
+            name=behaviour.name,
+            kind=behaviour.kind,
+            status=behaviour.status,
+            exit_code=behaviour.exit_code,
+            binding_keys=behaviour.binding_keys,
+        )

@@ -1,0 +1,490 @@
+"""Behaviour: a unit of concurrent work inside an agent.
+
+A behaviour has a ``main()`` coroutine (what the kinds in ``behaviours/`` specialise),
+``@on`` handlers fed from its own queue through a bounded mailbox, and ``@rpc``
+operations.  It can be started and stopped at runtime and reports an exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import re
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+from pydantic import BaseModel, ValidationError
+
+from mesh import logcontext, topology
+from mesh.config import Settings
+from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
+from mesh.transport import Transport
+
+if TYPE_CHECKING:
+    from mesh.deadletter import DeadLetters
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+_ROUTES_ATTR = "__mesh_routes__"
+
+
+class BehaviourStatus(StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """What ``@on`` or ``@rpc`` recorded on a function."""
+
+    pattern: str | None
+    operation: str | None
+    model: type[BaseModel] | None
+
+
+@dataclass(frozen=True)
+class Route:
+    """A handler bound to an instance: an ``@on`` pattern or an ``@rpc`` operation."""
+
+    spec: RouteSpec
+    handler: Callable[[Message, Any], Awaitable[Any]]
+    name: str
+
+
+def on(pattern: str, *, model: type[BaseModel] | None = None) -> Callable[[F], F]:
+    """Handle messages whose topic matches ``pattern`` (``*`` one word, ``#`` any words)."""
+    topology.check_pattern(pattern)
+    return _mark(RouteSpec(pattern=pattern, operation=None, model=model))
+
+
+def rpc(operation: str, *, model: type[BaseModel] | None = None) -> Callable[[F], F]:
+    """Serve requests for ``operation``; the handler's return value is the reply."""
+    topology.check_name("operation", operation)
+    return _mark(RouteSpec(pattern=None, operation=operation, model=model))
+
+
+def _mark(spec: RouteSpec) -> Callable[[F], F]:
+    def decorate(func: F) -> F:
+        specs: list[RouteSpec] = func.__dict__.setdefault(_ROUTES_ATTR, [])
+        specs.append(spec)
+        return func
+
+    return decorate
+
+
+def collect_routes(owner: object) -> list[Route]:
+    """The routes declared on ``owner``'s class, bound to ``owner``, in definition order."""
+    routes: list[Route] = []
+    seen: set[str] = set()
+    for cls in type(owner).__mro__:
+        for attr, value in vars(cls).items():
+            if attr in seen:
+                continue
+            seen.add(attr)
+            for spec in getattr(value, _ROUTES_ATTR, ()):
+                routes.append(Route(spec=spec, handler=getattr(owner, attr), name=attr))
+    return routes
+
+
+class Host(Protocol):
+    """What a behaviour needs from the agent that runs it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def instance(self) -> str: ...
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def transport(self) -> Transport: ...
+    @property
+    def dead_letters(self) -> DeadLetters: ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        behaviour: str | None = None,
+        headers: dict[str, Any] | None = None,
+        expiration: float | None = None,
+    ) -> str: ...
+
+    async def request(
+        self,
+        agent: str,
+        operation: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        behaviour: str | None = None,
+    ) -> Any: ...
+
+    async def reply(self, request: Message, result: Any, *, error: bool = False) -> None: ...
+
+    def behaviour_changed(self, behaviour: Behaviour) -> None: ...
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower().replace("__", "_")
+
+
+class Behaviour:
+    """Base class of every behaviour kind.
+
+    Subclasses override :meth:`main` (the kinds in ``behaviours/`` do) and declare
+    ``@on`` handlers and ``@rpc`` operations.  ``main`` returning ends the behaviour
+    (status ``done``, exit code its return value or 0); raising ends it ``failed``
+    with exit code 1; :meth:`stop` ends it ``stopped``.
+    """
+
+    kind: ClassVar[str] = "behaviour"
+    name: ClassVar[str] = ""
+    """Unique within the agent; defaults to the class name in snake case."""
+    max_concurrency: ClassVar[int] = 1
+    """Handlers running at once; 1 handles messages in order."""
+    mailbox_size: ClassVar[int] = 100
+    """Messages taken from the broker ahead of the handlers (the AMQP prefetch)."""
+    max_deliveries: ClassVar[int | None] = None
+    """Attempts before a failing message is dead-lettered; ``None``: the settings' value."""
+    broadcast: ClassVar[bool] = False
+    """Every instance gets every message (own exclusive queue) instead of sharing one."""
+    autostart: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = _snake_case(cls.__name__)
+        topology.check_name("behaviour name", cls.name)
+        if cls.max_concurrency < 1 or cls.mailbox_size < 1:
+            raise ValueError(f"{cls.__name__}: max_concurrency and mailbox_size must be >= 1")
+
+    def __init__(self, agent: Host) -> None:
+        self.agent = agent
+        self.status = BehaviourStatus.CREATED
+        self.exit_code: int | None = None
+        self.routes = collect_routes(self)
+        self._subscriptions = [r for r in self.routes if r.spec.pattern is not None]
+        self._operations = {r.spec.operation: r for r in self.routes if r.spec.operation}
+        self._task: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+        self._stop_code = 0
+        self._consumer: _Consumer | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.status}>"
+
+    @property
+    def binding_keys(self) -> list[str]:
+        keys = [r.spec.pattern for r in self._subscriptions if r.spec.pattern]
+        keys += [topology.request_key(self.agent.id, op) for op in self._operations]
+        return list(dict.fromkeys(keys))
+
+    @property
+    def queue_name(self) -> str:
+        if self.broadcast:
+            return topology.broadcast_queue(self.agent.id, self.agent.instance, self.name)
+        return topology.behaviour_queue(self.agent.id, self.name)
+
+    @property
+    def is_running(self) -> bool:
+        return self.status is BehaviourStatus.RUNNING
+
+    # --- what subclasses override -------------------------------------------------
+
+    async def setup(self) -> None:
+        """Called before the behaviour starts; may publish or request."""
+
+    async def main(self) -> int | None:
+        """The behaviour's life; the default lives until stopped, serving its handlers."""
+        await asyncio.Event().wait()
+        return None
+
+    async def teardown(self) -> None:
+        """Called after the behaviour ended, whatever the reason."""
+
+    # --- what behaviours call -----------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        headers: dict[str, Any] | None = None,
+        expiration: float | None = None,
+    ) -> str:
+        """Publish through the gateway; returns the message id once the broker confirmed it."""
+        return await self.agent.publish(
+            topic, payload, behaviour=self.name, headers=headers, expiration=expiration
+        )
+
+    async def request(
+        self, agent: str, operation: str, payload: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Call ``operation`` on ``agent`` and return the reply's payload."""
+        return await self.agent.request(
+            agent, operation, payload, timeout=timeout, behaviour=self.name
+        )
+
+    def kill(self, exit_code: int = 0) -> None:
+        """End the behaviour from inside (a handler or ``main``) with ``exit_code``."""
+        self._stop_code = exit_code
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    # --- lifecycle, driven by the agent ---------------------------------------------
+
+    async def start(self) -> None:
+        """Start the behaviour (again, if it ended before)."""
+        if self._task is not None and not self._task.done():
+            return
+        self.exit_code = None
+        self._stop_code = 0
+        self._finished.clear()
+        context = contextvars.copy_context()
+        context.run(logcontext.agent_id.set, self.agent.id)
+        await self.setup()
+        if self.routes:
+            self._consumer = _Consumer(self, context)
+            await self._consumer.start()
+        self._set_status(BehaviourStatus.RUNNING)
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"{self.agent.id}.{self.name}", context=context
+        )
+
+    async def stop(self, exit_code: int = 0) -> int | None:
+        """Stop: finish in-flight messages, requeue the rest, end ``main``; return the exit code."""
+        task = self._task
+        if task is None or task.done():
+            return self.exit_code
+        self._stop_code = exit_code
+        task.cancel()
+        if asyncio.current_task() is task or (
+            self._consumer is not None and self._consumer.owns_current_task()
+        ):
+            return None  # stopping from inside: the rest happens when this task returns
+        await self._finished.wait()
+        return self.exit_code
+
+    async def wait(self) -> int | None:
+        """Wait until the behaviour ended; return its exit code."""
+        await self._finished.wait()
+        return self.exit_code
+
+    async def _run(self) -> None:
+        status = BehaviourStatus.DONE
+        try:
+            code = await self.main()
+            self.exit_code = 0 if code is None else code
+        except asyncio.CancelledError:
+            status = BehaviourStatus.STOPPED
+            self.exit_code = self._stop_code
+        except Exception:
+            logger.exception("behaviour %s failed", self.name)
+            status = BehaviourStatus.FAILED
+            self.exit_code = 1
+        try:
+            if self._consumer is not None:
+                await self._consumer.stop()
+                self._consumer = None
+            await self.teardown()
+        except Exception:
+            logger.exception("behaviour %s: teardown failed", self.name)
+        finally:
+            self._set_status(status)
+            self._finished.set()
+
+    def _set_status(self, status: BehaviourStatus) -> None:
+        self.status = status
+        self.agent.behaviour_changed(self)
+
+    # --- message handling -----------------------------------------------------------
+
+    def route_for(self, message: Message) -> Route | None:
+        if message.type is MessageType.REQUEST:
+            operation = message.topic.rsplit(".", 1)[-1]
+            return self._operations.get(operation)
+        for route in self._subscriptions:
+            if route.spec.pattern and topology.matches(route.spec.pattern, message.topic):
+                return route
+        return None
+
+    @property
+    def delivery_limit(self) -> int:
+        return self.max_deliveries or self.agent.settings.max_deliveries
+
+
+class _Consumer:
+    """A behaviour's queue, mailbox and handler workers."""
+
+    def __init__(self, behaviour: Behaviour, context: contextvars.Context) -> None:
+        self.behaviour = behaviour
+        self.context = context
+        self.mailbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self.workers: list[asyncio.Task[None]] = []
+        self.busy = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.channel: AbstractRobustChannel | None = None
+        self.queue: AbstractQueue | None = None
+        self.consumer_tag: str | None = None
+
+    def owns_current_task(self) -> bool:
+        return asyncio.current_task() in self.workers
+
+    async def start(self) -> None:
+        b = self.behaviour
+        transport = b.agent.transport
+        self.channel = await transport.open_channel(prefetch=b.mailbox_size)
+        if b.broadcast:
+            self.queue = await topology.declare_private_queue(
+                self.channel, b.queue_name, b.binding_keys
+            )
+        else:
+            self.queue = await topology.declare_shared_queue(
+                self.channel, b.queue_name, b.binding_keys, b.delivery_limit
+            )
+        loop = asyncio.get_running_loop()
+        self.workers = [
+            loop.create_task(self._work(), name=f"{b.agent.id}.{b.name}.worker{i}",
+                             context=self.context.copy())
+            for i in range(b.max_concurrency)
+        ]
+        self.consumer_tag = await self.queue.consume(self._deliver)
+
+    async def _deliver(self, incoming: AbstractIncomingMessage) -> None:
+        self.mailbox.put_nowait(incoming)
+
+    async def stop(self) -> None:
+        """Stop taking messages, requeue those not started, let in-flight ones finish."""
+        b = self.behaviour
+        if self.queue is not None and self.consumer_tag is not None:
+            try:
+                await self.queue.cancel(self.consumer_tag)
+            except Exception as exc:  # the broker will requeue on channel close anyway
+                logger.debug("cancel consumer of %s: %r", b.queue_name, exc)
+        while not self.mailbox.empty():
+            await _settle(self.mailbox.get_nowait().nack(requeue=True))
+        try:
+            await asyncio.wait_for(self.idle.wait(), b.agent.settings.shutdown_timeout)
+        except TimeoutError:
+            logger.warning("%s: handlers still running after %gs; requeueing their messages",
+                           b.name, b.agent.settings.shutdown_timeout)
+        for worker in self.workers:
+            worker.cancel()
+        await asyncio.gather(*self.workers, return_exceptions=True)
+        self.workers = []
+        if self.channel is not None:
+            await _settle(self.channel.close())
+
+    async def _work(self) -> None:
+        while True:
+            incoming = await self.mailbox.get()
+            self.busy += 1
+            self.idle.clear()
+            try:
+                await self._handle(incoming)
+            except asyncio.CancelledError:
+                await _settle(incoming.nack(requeue=True))
+                raise
+            except Exception:
+                logger.exception("%s: failed to settle a message", self.behaviour.name)
+            finally:
+                self.busy -= 1
+                if self.busy == 0:
+                    self.idle.set()
+
+    async def _handle(self, incoming: AbstractIncomingMessage) -> None:
+        b = self.behaviour
+        try:
+            message = from_amqp(incoming)
+        except EnvelopeError as exc:
+            await b.agent.dead_letters.send(incoming, f"malformed message: {exc}", b.queue_name)
+            await _settle(incoming.ack())
+            return
+        with logcontext.handling(message.message_id):
+            await self._dispatch(incoming, message)
+
+    async def _dispatch(self, incoming: AbstractIncomingMessage, message: Message) -> None:
+        b = self.behaviour
+        route = b.route_for(message)
+        if route is None:
+            reason = f"no handler in behaviour {b.name!r} for topic {message.topic!r}"
+            await self._reject(incoming, message, reason)
+            return
+        payload: Any = message.payload
+        if route.spec.model is not None:
+            try:
+                payload = route.spec.model.model_validate(message.payload)
+            except ValidationError as exc:
+                reason = f"payload does not match {route.spec.model.__name__}: {_errors(exc)}"
+                await self._reject(incoming, message, reason)
+                return
+        try:
+            result = await route.handler(message, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._failed(incoming, message, route, exc)
+            return
+        if message.type is MessageType.REQUEST:
+            await b.agent.reply(message, result)
+        await _settle(incoming.ack())
+
+    async def _reject(self, incoming: AbstractIncomingMessage, message: Message, reason: str) -> None:
+        """Dead-letter a message no retry can fix; tell a waiting requester why."""
+        b = self.behaviour
+        logger.warning("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
+        if message.type is MessageType.REQUEST:
+            await b.agent.reply(message, {"error": reason, "type": "InvalidRequest"}, error=True)
+        await b.agent.dead_letters.send(incoming, reason, b.queue_name)
+        await _settle(incoming.ack())
+
+    async def _failed(
+        self, incoming: AbstractIncomingMessage, message: Message, route: Route, exc: Exception
+    ) -> None:
+        b = self.behaviour
+        summary = f"{type(exc).__name__}: {exc}"
+        if message.type is MessageType.REQUEST:
+            # The caller is waiting: answer now rather than retrying behind its back.
+            logger.warning("%s.%s failed: %s", b.name, route.name, summary)
+            await b.agent.reply(message, {"error": summary, "type": type(exc).__name__}, error=True)
+            await _settle(incoming.ack())
+            return
+        attempt = message.delivery_count + 1
+        if attempt < b.delivery_limit:
+            logger.warning("%s.%s failed (attempt %d of %d), requeueing: %s",
+                           b.name, route.name, attempt, b.delivery_limit, summary)
+            await _settle(incoming.nack(requeue=True))
+            return
+        frames = traceback.extract_tb(exc.__traceback__)[-3:]
+        where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in frames)
+        reason = (f"handler {b.name}.{route.name} failed {attempt} times; "
+                  f"last: {summary} (at {where})")
+        logger.error("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
+        await b.agent.dead_letters.send(incoming, reason, b.queue_name)
+        await _settle(incoming.ack())
+
+
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+async def _settle(operation: Awaitable[Any]) -> None:
+    """Ack/nack/close that may fail when the channel died; the broker then redelivers."""
+    try:
+        await operation
+    except Exception as exc:
+        logger.debug("could not settle message (%r); the broker will redeliver it", exc)

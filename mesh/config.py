@@ -1,0 +1,77 @@
+"""Settings, read from the environment and optionally a YAML file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+ENV_PREFIX = "MESH_"
+
+
+class ConfigError(ValueError):
+    """The settings are invalid; the message names the offending setting."""
+
+
+class Settings(BaseModel):
+    """Everything an agent process needs to reach the mesh.
+
+    Each field is read from ``MESH_<FIELD>`` (``MESH_AMQP_URL``, ``MESH_REDIS_URL`` …);
+    ``MESH_CONFIG`` may name a YAML file whose keys are the field names.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    amqp_url: str = DEFAULT_AMQP_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9_.:-]+$")
+    prefetch: int = Field(default=100, ge=1, le=65535)
+    max_deliveries: int = Field(default=5, ge=1)
+    publish_timeout: float = Field(default=30.0, gt=0)
+    request_timeout: float = Field(default=5.0, gt=0)
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    heartbeat_ttl: float = Field(default=10.0, gt=0)
+    shutdown_timeout: float = Field(default=30.0, gt=0)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from ``MESH_CONFIG`` (YAML), then ``MESH_*`` variables, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        config_file = env.get(ENV_PREFIX + "CONFIG")
+        if config_file:
+            values.update(_read_yaml(Path(config_file)))
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid mesh settings: {problems}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read MESH_CONFIG file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"MESH_CONFIG file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"MESH_CONFIG file {path} must hold a mapping of settings")
+    return data

@@ -1,0 +1,57 @@
+"""Dead letters: a copy of a message that cannot be handled, with the reason, in ``mesh.dead``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from mesh import topology
+from mesh.envelope import H_REASON, H_USER
+from mesh.transport import Transport
+
+logger = logging.getLogger(__name__)
+
+H_QUEUE = "x-mesh-queue"
+H_DEAD_BY = "x-mesh-dead-by"
+MAX_REASON = 2000
+
+
+class DeadLetters:
+    """Sends dead letters for one agent instance.
+
+    The copy keeps the body and properties and adds ``x-mesh-reason``; ``user_id`` moves
+    to ``x-mesh-user`` because RabbitMQ only lets a connection claim its own user.
+    """
+
+    def __init__(self, transport: Transport, agent: str) -> None:
+        self.transport = transport
+        self.agent = agent
+
+    async def send(self, incoming: AbstractIncomingMessage, reason: str, queue: str) -> None:
+        """Publish the dead letter and wait for the broker's confirm."""
+        headers: dict[str, Any] = dict(incoming.headers or {})
+        if incoming.user_id and H_USER not in headers:
+            headers[H_USER] = incoming.user_id
+        headers[H_REASON] = reason[:MAX_REASON]
+        headers[H_QUEUE] = queue
+        headers[H_DEAD_BY] = self.agent
+        copy = aio_pika.Message(
+            incoming.body,
+            headers=headers,
+            content_type=incoming.content_type,
+            content_encoding=incoming.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            correlation_id=incoming.correlation_id,
+            reply_to=incoming.reply_to,
+            message_id=incoming.message_id,
+            timestamp=incoming.timestamp,
+            type=incoming.type,
+            app_id=incoming.app_id,
+        )
+        await self.transport.publish(
+            topology.DEAD_LETTER_EXCHANGE, incoming.routing_key or "", copy
+        )
+        logger.info("dead-lettered %s from %s: %s", incoming.message_id, queue, reason)

@@ -1,0 +1,174 @@
+"""The mesh envelope: the ``Message`` model and its AMQP form.
+
+AMQP properties carry the metadata; the body is the JSON payload only.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import aio_pika
+import pydantic_core
+from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
+from pydantic import BaseModel, ConfigDict, Field
+
+CONTENT_TYPE = "application/json"
+
+H_TOPIC = "x-mesh-topic"
+H_INSTANCE = "x-mesh-instance"
+H_BEHAVIOUR = "x-mesh-behaviour"
+H_SCHEMA = "x-mesh-schema"
+H_TRACEPARENT = "traceparent"
+H_AUDIT = "x-mesh-audit"
+H_REDACTED = "x-mesh-redacted"
+H_USER = "x-mesh-user"
+H_REASON = "x-mesh-reason"
+H_DELIVERY_COUNT = "x-delivery-count"
+
+_KNOWN_HEADERS = frozenset(
+    {H_TOPIC, H_INSTANCE, H_BEHAVIOUR, H_SCHEMA, H_TRACEPARENT, H_AUDIT, H_REDACTED, H_USER}
+)
+
+
+class MessageType(StrEnum):
+    EVENT = "event"
+    REQUEST = "request"
+    REPLY = "reply"
+    ERROR = "error"
+    CONTROL = "control"
+
+
+class EnvelopeError(ValueError):
+    """An AMQP message is not a valid mesh message; the text says why."""
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Message(BaseModel):
+    """A message as a behaviour sees it: the envelope's fields and the decoded payload."""
+
+    model_config = ConfigDict(frozen=True)
+
+    topic: str
+    payload: Any = None
+    type: MessageType = MessageType.EVENT
+    message_id: str = Field(default_factory=new_message_id)
+    user_id: str | None = None
+    """The sender's broker user as verified by RabbitMQ (forwarded by the gateway)."""
+    app_id: str | None = None
+    """The sending agent's id."""
+    instance: str | None = None
+    behaviour: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    timestamp: datetime | None = None
+    expiration: float | None = None
+    """Time to live in seconds."""
+    schema_id: str | None = None
+    traceparent: str | None = None
+    audit_id: str | None = None
+    redacted: tuple[str, ...] = ()
+    headers: dict[str, Any] = Field(default_factory=dict)
+    """Headers other than the mesh's own."""
+    delivery_count: int = 0
+    """How many times the broker delivered this message before (0 on the first delivery)."""
+
+    @property
+    def sender(self) -> str | None:
+        return self.app_id
+
+
+def encode_body(payload: Any) -> bytes:
+    """JSON-encode a payload: a pydantic model, or anything JSON can hold."""
+    try:
+        return pydantic_core.to_json(payload)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise EnvelopeError(f"payload is not JSON-serialisable: {exc}") from None
+
+
+def to_amqp(
+    message: Message,
+    *,
+    body: bytes | None = None,
+    user_id: str | None = None,
+) -> aio_pika.Message:
+    """The AMQP message for ``message``; ``user_id`` is the connection's broker user."""
+    headers: dict[str, Any] = dict(message.headers)
+    headers[H_TOPIC] = message.topic
+    if message.instance:
+        headers[H_INSTANCE] = message.instance
+    if message.behaviour:
+        headers[H_BEHAVIOUR] = message.behaviour
+    if message.schema_id:
+        headers[H_SCHEMA] = message.schema_id
+    if message.traceparent:
+        headers[H_TRACEPARENT] = message.traceparent
+    return aio_pika.Message(
+        body if body is not None else encode_body(message.payload),
+        headers=headers,
+        content_type=CONTENT_TYPE,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        message_id=message.message_id,
+        user_id=user_id,
+        app_id=message.app_id,
+        type=message.type.value,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        timestamp=message.timestamp or datetime.now(UTC),
+        expiration=message.expiration,
+    )
+
+
+def from_amqp(incoming: AbstractIncomingMessage) -> Message:
+    """Decode a delivered AMQP message; raise ``EnvelopeError`` naming what is wrong."""
+    if incoming.content_type not in (None, CONTENT_TYPE):
+        raise EnvelopeError(
+            f"content type {incoming.content_type!r} is not {CONTENT_TYPE!r}"
+        )
+    try:
+        payload = pydantic_core.from_json(incoming.body) if incoming.body else None
+    except ValueError as exc:
+        raise EnvelopeError(f"body is not JSON: {exc}") from None
+    raw_headers = incoming.headers or {}
+    headers = {k: v for k, v in raw_headers.items() if k not in _KNOWN_HEADERS}
+    delivery_count = headers.pop(H_DELIVERY_COUNT, 0)
+    try:
+        kind = MessageType(incoming.type or MessageType.EVENT)
+    except ValueError:
+        raise EnvelopeError(f"unknown message type {incoming.type!r}") from None
+    redacted = raw_headers.get(H_REDACTED) or ()
+    expiration = incoming.expiration
+    return Message(
+        topic=_text(raw_headers.get(H_TOPIC)) or incoming.routing_key or "",
+        payload=payload,
+        type=kind,
+        message_id=incoming.message_id or "",
+        user_id=_text(raw_headers.get(H_USER)),
+        app_id=incoming.app_id,
+        instance=_text(raw_headers.get(H_INSTANCE)),
+        behaviour=_text(raw_headers.get(H_BEHAVIOUR)),
+        correlation_id=incoming.correlation_id,
+        reply_to=incoming.reply_to,
+        timestamp=incoming.timestamp,
+        expiration=float(expiration) if expiration is not None else None,
+        schema_id=_text(raw_headers.get(H_SCHEMA)),
+        traceparent=_text(raw_headers.get(H_TRACEPARENT)),
+        audit_id=_text(raw_headers.get(H_AUDIT)),
+        redacted=tuple(_text(f) or "" for f in redacted)
+        if isinstance(redacted, list | tuple)
+        else (),
+        headers=headers,
+        delivery_count=int(delivery_count) if isinstance(delivery_count, int) else 0,
+    )
+
+
+def _text(value: Any) -> str | None:
+    # AMQP long strings arrive as bytes from some clients.
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None

@@ -1,0 +1,188 @@
+"""Names of the mesh's exchanges, queues and routing keys, and their declarations.
+
+The names are part of the public contract (see DESIGN.md); everything that builds one
+goes through this module.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+POLICY_EXCHANGE = "mesh.policy"
+TOPIC_EXCHANGE = "mesh.topic"
+GATEWAY_QUEUE = "mesh.gateway"
+DEAD_LETTER_EXCHANGE = "mesh.dlx"
+DEAD_LETTER_QUEUE = "mesh.dead"
+
+ALL_AGENTS = "_all"
+"""Agent id that control commands use to address every agent at once."""
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_WORD = re.compile(r"^[A-Za-z0-9_-]+$")
+_PATTERN_WORD = re.compile(r"^(?:[A-Za-z0-9_-]+|\*|#)$")
+
+
+class TopicError(ValueError):
+    """A topic, binding pattern or name does not follow the mesh's rules."""
+
+
+def check_name(kind: str, name: str) -> str:
+    """Return ``name`` if it can be one word of a routing key, else raise ``TopicError``."""
+    if not _NAME.match(name):
+        raise TopicError(
+            f"invalid {kind} {name!r}: use letters, digits, '-' and '_' "
+            "(not first), at most 128 characters"
+        )
+    return name
+
+
+def check_topic(topic: str) -> str:
+    """Return ``topic`` if a user may publish to it, else raise ``TopicError``."""
+    if not topic or topic.startswith("_"):
+        raise TopicError(f"invalid topic {topic!r}: must not be empty or start with '_'")
+    if len(topic) > 255:
+        raise TopicError(f"invalid topic {topic[:40]!r}…: longer than 255 bytes")
+    for word in topic.split("."):
+        if not _WORD.match(word):
+            raise TopicError(
+                f"invalid topic {topic!r}: word {word!r} must be letters, digits, '-' or '_' "
+                "(wildcards are for subscriptions)"
+            )
+    return topic
+
+
+def check_pattern(pattern: str) -> str:
+    """Return ``pattern`` if it is a valid binding key (words, ``*`` and ``#``)."""
+    if not pattern or len(pattern) > 255:
+        raise TopicError(f"invalid pattern {pattern!r}: must be 1 to 255 bytes")
+    for word in pattern.split("."):
+        if not _PATTERN_WORD.match(word):
+            raise TopicError(
+                f"invalid pattern {pattern!r}: word {word!r} must be a word, '*' or '#'"
+            )
+    return pattern
+
+
+def matches(pattern: str, topic: str) -> bool:
+    """Whether a topic exchange would route ``topic`` to a binding ``pattern``."""
+    if pattern == "#":
+        return True
+    if "*" not in pattern and "#" not in pattern:
+        return pattern == topic
+    return _words_match(pattern.split("."), topic.split("."))
+
+
+def _words_match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_words_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    if head in ("*", words[0]):
+        return _words_match(rest, words[1:])
+    return False
+
+
+def behaviour_queue(agent: str, behaviour: str) -> str:
+    """The quorum queue shared by all replicas of ``agent`` for one behaviour."""
+    return f"mesh.q.{agent}.{behaviour}"
+
+
+def inbox_queue(agent: str, instance: str) -> str:
+    """The exclusive queue of one agent instance: replies, errors and control."""
+    return f"mesh.i.{agent}.{instance}"
+
+
+def broadcast_queue(agent: str, instance: str, behaviour: str) -> str:
+    """The exclusive queue of a broadcast-mode behaviour in one instance."""
+    return f"mesh.i.{agent}.{instance}.{behaviour}"
+
+
+def request_key(agent: str, operation: str) -> str:
+    return f"_req.{agent}.{operation}"
+
+
+def reply_key(agent: str, instance: str) -> str:
+    return f"_reply.{agent}.{instance}"
+
+
+def error_key(agent: str, instance: str) -> str:
+    return f"_err.{agent}.{instance}"
+
+
+def control_key(agent: str, command: str) -> str:
+    return f"_ctl.{agent}.{command}"
+
+
+def registry_key(event: str) -> str:
+    return f"_registry.{event}"
+
+
+def is_request(routing_key: str) -> bool:
+    return routing_key.startswith("_req.")
+
+
+async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExchange]:
+    """Declare the mesh's three exchanges and the gateway and dead-letter queues (idempotent)."""
+    policy = await channel.declare_exchange(
+        POLICY_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    topic = await channel.declare_exchange(TOPIC_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dlx = await channel.declare_exchange(
+        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    gateway = await channel.declare_queue(GATEWAY_QUEUE, durable=True, arguments=_quorum_args())
+    await gateway.bind(policy, "#")
+    dead = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead.bind(dlx, "#")
+    return {POLICY_EXCHANGE: policy, TOPIC_EXCHANGE: topic, DEAD_LETTER_EXCHANGE: dlx}
+
+
+def _quorum_args(delivery_limit: int | None = None) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    }
+    if delivery_limit is not None:
+        args["x-delivery-limit"] = delivery_limit
+    return args
+
+
+async def declare_shared_queue(
+    channel: AbstractChannel, name: str, patterns: list[str], max_deliveries: int
+) -> AbstractQueue:
+    """Declare a behaviour's quorum queue bound to ``mesh.topic`` with ``patterns``.
+
+    The broker's delivery limit sits one above ``max_deliveries``: the behaviour
+    dead-letters with a reason at ``max_deliveries``; the broker's limit only catches a
+    message that keeps killing its consumer before it can be handled.
+    """
+    queue = await channel.declare_queue(
+        name, durable=True, arguments=_quorum_args(delivery_limit=max_deliveries + 1)
+    )
+    for pattern in patterns:
+        await queue.bind(TOPIC_EXCHANGE, pattern)
+    return queue
+
+
+async def declare_private_queue(
+    channel: AbstractChannel, name: str, patterns: list[str]
+) -> AbstractQueue:
+    """Declare an instance's exclusive, auto-delete queue bound to ``mesh.topic``."""
+    queue = await channel.declare_queue(
+        name,
+        exclusive=True,
+        auto_delete=True,
+        arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+    )
+    for pattern in patterns:
+        await queue.bind(TOPIC_EXCHANGE, pattern)
+    return queue
