@@ -1,0 +1,82 @@
+"""Vehicle telemetry: vehicles report their speed, a monitor watches and flags speeding.
+
+Run a gateway, two vehicles and a monitor (what ``make demo`` does):
+
+    mesh gateway &
+    mesh run examples.vehicles:Vehicle --id v7 &
+    mesh run examples.vehicles:Vehicle --id v8 &
+    mesh run examples.vehicles:Monitor --id monitor
+"""
+
+from __future__ import annotations
+
+import random
+
+from pydantic import BaseModel
+
+from behaviours import PeriodicBehaviour, SubscriberBehaviour
+from mesh import Agent, Message, on, rpc
+
+
+class Reading(BaseModel):
+    vehicle: str
+    speed_kmh: float
+
+
+class Alert(BaseModel):
+    vehicle: str
+    speed_kmh: float
+    limit_kmh: float
+
+
+class Report(PeriodicBehaviour):
+    """Publishes the vehicle's speed once a second."""
+
+    period = 1.0
+
+    async def tick(self) -> None:
+        speed = round(random.gauss(100, 15), 1)
+        await self.publish(
+            f"vehicle.{self.agent.id}.speed", Reading(vehicle=self.agent.id, speed_kmh=speed)
+        )
+
+
+class Brake(SubscriberBehaviour):
+    """Acknowledges alerts about this vehicle."""
+
+    @on("alerts.speeding.*", model=Alert)
+    async def alert(self, msg: Message, alert: Alert) -> None:
+        if alert.vehicle == self.agent.id:
+            print(f"{self.agent.id}: slowing down ({alert.speed_kmh} > {alert.limit_kmh} km/h)",
+                  flush=True)
+
+
+class Vehicle(Agent):
+    capabilities = ["telemetry"]
+    behaviours = [Report, Brake]
+
+    @rpc("status")
+    async def status(self, msg: Message, _: object) -> dict[str, object]:
+        return {"vehicle": self.id, "instance": self.instance}
+
+
+class Watch(SubscriberBehaviour):
+    """Prints every reading as it flows and raises an alert above the limit."""
+
+    limit_kmh = 120.0
+
+    @on("vehicle.*.speed", model=Reading)
+    async def speed(self, msg: Message, reading: Reading) -> None:
+        print(f"monitor: {msg.topic:<20} {reading.speed_kmh:6.1f} km/h  "
+              f"(from {msg.app_id}, verified user {msg.user_id})", flush=True)
+        if reading.speed_kmh > self.limit_kmh:
+            await self.publish(
+                f"alerts.speeding.{reading.vehicle}",
+                Alert(vehicle=reading.vehicle, speed_kmh=reading.speed_kmh,
+                      limit_kmh=self.limit_kmh),
+            )
+
+
+class Monitor(Agent):
+    capabilities = ["monitoring"]
+    behaviours = [Watch]

@@ -1,0 +1,197 @@
+"""The ``mesh`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from mode import Worker
+
+from mesh import logcontext, topology
+from mesh.agent import Agent
+from mesh.config import ConfigError, Settings
+from mesh.gateway import Gateway
+
+T = TypeVar("T")
+
+
+def load_agent_class(spec: str) -> type[Agent]:
+    """Import ``module:Class`` (relative to the current directory too)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(f"{spec!r} is not of the form module:Class")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise click.BadParameter(f"{spec!r} is not an Agent subclass")
+    return cls
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def run_worker(agent: Agent, log_level: str) -> None:
+    """Run ``agent`` until SIGINT/SIGTERM or a shutdown command, then drain and exit."""
+    logcontext.configure(log_level.upper())
+    worker = Worker(agent, override_logging=False, loglevel=log_level, redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+def with_client(func: Callable[[Agent], Awaitable[T]]) -> T:
+    """Run ``func`` with a short-lived agent that has no behaviours (for commands)."""
+
+    async def main() -> T:
+        client = Agent(f"cli-{uuid.uuid4().hex[:8]}", settings=settings_or_exit())
+        async with client:
+            return await func(client)
+
+    logcontext.configure("WARNING")
+    return asyncio.run(main())
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group()
+@click.version_option(package_name="agentmesh")
+def main() -> None:
+    """agentmesh: agents hosting concurrent behaviours on RabbitMQ."""
+
+
+@main.command()
+@click.argument("agent_class")
+@click.option("--id", "agent_id", required=True, help="The agent id (shared by replicas).")
+@click.option("--instance", default=None, help="Instance id (default: random).")
+@click.option("--log-level", default="info", show_default=True)
+def run(agent_class: str, agent_id: str, instance: str | None, log_level: str) -> None:
+    """Run AGENT_CLASS (module:Class) as agent --id."""
+    cls = load_agent_class(agent_class)
+    try:
+        agent = cls(agent_id, instance=instance, settings=settings_or_exit())
+    except (ValueError, topology.TopicError) as exc:
+        raise click.ClickException(str(exc)) from None
+    run_worker(agent, log_level)
+
+
+@main.command()
+@click.option("--id", "agent_id", default="gateway", show_default=True)
+@click.option("--instance", default=None)
+@click.option("--log-level", default="info", show_default=True)
+def gateway(agent_id: str, instance: str | None, log_level: str) -> None:
+    """Run a gateway replica: relay mesh.policy to mesh.topic."""
+    run_worker(Gateway(agent_id, instance=instance, settings=settings_or_exit()), log_level)
+
+
+@main.command()
+@click.option("--agent", default=topology.ALL_AGENTS, help="Only this agent's instances.")
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to collect answers.")
+@click.option("--json", "as_json", is_flag=True)
+def ping(agent: str, timeout: float, as_json: bool) -> None:
+    """Ping agents; list the instances that answered, with their behaviours."""
+    replies = with_client(lambda client: client.ping(agent, timeout=timeout))
+    replies = [r for r in replies if not r.agent.startswith("cli-")]
+    if as_json:
+        echo_json([r.model_dump(mode="json") for r in replies])
+        return
+    if not replies:
+        raise click.ClickException(f"no agent answered within {timeout:g}s")
+    for reply in replies:
+        behaviours = ", ".join(f"{b.name}({b.kind}:{b.status})" for b in reply.behaviours)
+        click.echo(f"{reply.agent}/{reply.instance}  pid {reply.pid}  {behaviours or '-'}")
+
+
+def _control(agent: str, command: str, payload: dict[str, Any], timeout: float) -> None:
+    answers = with_client(lambda client: client.control(agent, command, payload, timeout=timeout))
+    if not answers:
+        raise click.ClickException(f"no instance of {agent!r} answered within {timeout:g}s")
+    failed = False
+    for answer in answers:
+        instance = answer.instance or "?"
+        if answer.type == "error":
+            failed = True
+            click.echo(f"{answer.app_id}/{instance}: error: {answer.payload}", err=True)
+        else:
+            click.echo(f"{answer.app_id}/{instance}: {json.dumps(answer.payload)}")
+    if failed:
+        sys.exit(1)
+
+
+@main.group()
+def behaviour() -> None:
+    """Start or stop a behaviour of a running agent (every instance)."""
+
+
+@behaviour.command("start")
+@click.argument("agent")
+@click.argument("name")
+@click.option("--timeout", default=2.0, show_default=True)
+def behaviour_start(agent: str, name: str, timeout: float) -> None:
+    """Start behaviour NAME of AGENT."""
+    _control(agent, "start_behaviour", {"behaviour": name}, timeout)
+
+
+@behaviour.command("stop")
+@click.argument("agent")
+@click.argument("name")
+@click.option("--timeout", default=5.0, show_default=True)
+def behaviour_stop(agent: str, name: str, timeout: float) -> None:
+    """Stop behaviour NAME of AGENT (in-flight messages finish first)."""
+    _control(agent, "stop_behaviour", {"behaviour": name}, timeout)
+
+
+@main.command()
+@click.argument("agent")
+@click.option("--timeout", default=2.0, show_default=True)
+def shutdown(agent: str, timeout: float) -> None:
+    """Ask every instance of AGENT to drain and exit."""
+    _control(agent, "shutdown", {}, timeout)
+
+
+@main.command()
+@click.argument("agent")
+@click.argument("operation")
+@click.argument("payload", default="{}")
+@click.option("--timeout", default=5.0, show_default=True)
+def call(agent: str, operation: str, payload: str, timeout: float) -> None:
+    """Call OPERATION on AGENT with a JSON PAYLOAD and print the reply."""
+    try:
+        body = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"payload is not JSON: {exc}") from None
+    echo_json(with_client(lambda client: client.request(agent, operation, body, timeout=timeout)))
+
+
+@main.command()
+@click.option("--seconds", default=0.0, help="Stop after this long (default: until Ctrl+C).")
+def demo(seconds: float) -> None:
+    """Run the demo mesh: a gateway, two vehicles and a monitor, as separate processes."""
+    from mesh.demo import run_demo
+
+    try:
+        code = asyncio.run(run_demo(seconds))
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    main()
