@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from mode import Service
 from pydantic import BaseModel, ValidationError
 
 from mesh import logcontext, topology
-from mesh.behaviour import Behaviour, BehaviourStatus, collect_routes
+from mesh.behaviour import Behaviour, collect_routes
 from mesh.config import Settings
 from mesh.deadletter import DeadLetters
 from mesh.envelope import (
@@ -25,6 +25,9 @@ from mesh.envelope import (
     from_amqp,
     to_amqp,
 )
+from mesh.membership import REDIS_DOWN, Membership
+from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord, Registry
+from mesh.state import Change, StateError, StateSlot, StateStore, as_change
 from mesh.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -51,26 +54,6 @@ class AgentStopped(RuntimeError):
     """The agent stopped while a request was waiting for its reply."""
 
 
-class BehaviourInfo(BaseModel):
-    name: str
-    kind: str
-    status: BehaviourStatus
-    exit_code: int | None
-    binding_keys: list[str]
-
-
-class PingReply(BaseModel):
-    """What an agent instance answers to a ping."""
-
-    agent: str
-    instance: str
-    capabilities: list[str]
-    behaviours: list[BehaviourInfo]
-    host: str
-    pid: int
-    started_at: datetime
-
-
 class RPCBehaviour(Behaviour):
     """Serves the ``@rpc`` operations declared on the agent class itself."""
 
@@ -94,6 +77,12 @@ class Agent(Service):  # type: ignore[misc]
     capabilities: ClassVar[list[str]] = []
     behaviours: ClassVar[list[type[Behaviour]]] = []
     version: ClassVar[str] = "0"
+    state_model: ClassVar[type[BaseModel] | None] = None
+    """The pydantic model of ``self.state``, kept in Redis and restored on start."""
+    registered: ClassVar[bool] = True
+    """Whether instances appear in the registry."""
+    controllable: ClassVar[bool] = True
+    """Whether instances answer control commands (ping, start/stop, shutdown)."""
 
     def __init__(
         self,
@@ -109,6 +98,23 @@ class Agent(Service):  # type: ignore[misc]
         self.transport = Transport(self.settings, f"{self.id}/{self.instance}")
         self.dead_letters = DeadLetters(self.transport, self.id)
         self.started_at = datetime.now(UTC)
+        self.redis = aioredis.Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=self.settings.heartbeat_interval,
+            socket_connect_timeout=self.settings.heartbeat_interval,
+        )
+        self.registry = Registry(self.redis, self.settings.namespace, self.settings.heartbeat_ttl)
+        self.state_store = StateStore(self.redis, self.settings.namespace)
+        self._state = (
+            StateSlot(self.state_store, self.state_store.key(self.id), self.state_model)
+            if self.state_model is not None
+            else None
+        )
+        self._membership = Membership(
+            self.registry, self.describe, self._announce, self.settings.heartbeat_interval
+        )
+        self._membership_tasks: set[asyncio.Task[None]] = set()
+        self._leaving = False
         self.behaviour_map: dict[str, Behaviour] = {}
         self._pending: dict[str, asyncio.Future[Message]] = {}
         self._collectors: dict[str, asyncio.Queue[Message]] = {}
@@ -138,17 +144,27 @@ class Agent(Service):  # type: ignore[misc]
 
     async def on_start(self) -> None:
         logcontext.agent_id.set(self.id)
+        self._leaving = False
         await self.transport.connect()
         await topology.declare_exchanges(self.transport.channel)
         await self._open_inbox()
+        if self._state is not None:
+            await self._state.try_restore()
         for behaviour in self.behaviour_map.values():
             if behaviour.autostart:
                 await behaviour.start()
+        if self.registered:
+            await self._membership.join()
+            self.add_future(self._membership.run())
         logger.info("agent %s/%s started with behaviours %s",
                     self.id, self.instance, ", ".join(self.behaviour_map) or "(none)")
 
     async def on_stop(self) -> None:
+        self._leaving = True
         await asyncio.gather(*(b.stop() for b in self.behaviour_map.values()))
+        await asyncio.gather(*self._membership_tasks, return_exceptions=True)
+        if self.registered:
+            await self._membership.leave()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(AgentStopped(f"agent {self.id} stopped"))
@@ -158,24 +174,66 @@ class Agent(Service):  # type: ignore[misc]
             except Exception as exc:  # the connection closes next anyway
                 logger.debug("closing inbox channel: %r", exc)
         await self.transport.close()
+        await self.redis.aclose()
         logger.info("agent %s/%s stopped", self.id, self.instance)
 
     async def _open_inbox(self) -> None:
         self._inbox_channel = await self.transport.open_channel(prefetch=self.settings.prefetch)
+        keys = [self.reply_to, topology.error_key(self.id, self.instance)]
+        if self.controllable:
+            keys += [topology.control_key(self.id, "*"), topology.control_key(topology.ALL_AGENTS, "*")]
         self._inbox = await topology.declare_private_queue(
-            self._inbox_channel,
-            topology.inbox_queue(self.id, self.instance),
-            [
-                self.reply_to,
-                topology.error_key(self.id, self.instance),
-                topology.control_key(self.id, "*"),
-                topology.control_key(topology.ALL_AGENTS, "*"),
-            ],
+            self._inbox_channel, topology.inbox_queue(self.id, self.instance), keys
         )
         await self._inbox.consume(self._on_inbox, no_ack=True)
 
     def behaviour_changed(self, behaviour: Behaviour) -> None:
         logger.debug("behaviour %s is %s", behaviour.name, behaviour.status)
+        if not self.registered or self._leaving or not self._membership.registered:
+            return
+        task = asyncio.get_running_loop().create_task(self._membership.changed(behaviour.name))
+        self._membership_tasks.add(task)
+        task.add_done_callback(self._membership_tasks.discard)
+
+    async def _announce(self, event: str, payload: dict[str, Any]) -> None:
+        key = topology.registry_key(event)
+        await self.send(
+            Message(topic=key, payload=payload, app_id=self.id, instance=self.instance), key
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """What the registry shows about this instance besides the standard fields."""
+        return {}
+
+    # --- registry and state -----------------------------------------------------------
+
+    async def discover(
+        self,
+        *,
+        capability: str | None = None,
+        topic: str | None = None,
+        alive: bool = True,
+    ) -> list[AgentRecord]:
+        """Agents with ``capability`` and/or a behaviour receiving ``topic``."""
+        return await self.registry.agents(capability=capability, topic=topic, alive=alive)
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]  # mode's Service.state is its run state
+        """This agent's typed state (``state_model``), as last read or written."""
+        if self._state is None:
+            raise StateError(f"{type(self).__name__} declares no state_model")
+        return self._state.value
+
+    async def update_state(self, change: Change[Any] | None = None, /, **fields: Any) -> Any:
+        """Validate and store a change of ``self.state``; safe against other replicas.
+
+        ``change`` is a mapping of fields or a function of the current state; keyword
+        arguments are fields.  Raises ``InvalidState`` (nothing written) on a wrong value
+        and ``StateUnavailable`` while Redis is unreachable.
+        """
+        if self._state is None:
+            raise StateError(f"{type(self).__name__} declares no state_model")
+        return await self._state.update(as_change(change, fields))
 
     # --- behaviours at runtime -------------------------------------------------------
 
@@ -310,6 +368,8 @@ class Agent(Service):  # type: ignore[misc]
         Collects replies until ``timeout`` or until ``expect`` replies arrived.
         """
         key = topology.control_key(agent, command)
+        if expect is None:
+            expect = await self._live_instances(agent)
         correlation = uuid.uuid4().hex
         replies: asyncio.Queue[Message] = asyncio.Queue()
         self._collectors[correlation] = replies
@@ -340,15 +400,25 @@ class Agent(Service):  # type: ignore[misc]
             self._collectors.pop(correlation, None)
         return collected
 
+    async def _live_instances(self, agent: str) -> int | None:
+        """How many instances should answer, per the registry; ``None`` if it can't tell."""
+        try:
+            found = await self.registry.instances(
+                agent=None if agent == topology.ALL_AGENTS else agent
+            )
+        except REDIS_DOWN:
+            return None
+        return len(found) or None
+
     async def ping(
         self, agent: str = topology.ALL_AGENTS, *, timeout: float = 1.0
-    ) -> list[PingReply]:
+    ) -> list[InstanceRecord]:
         """Ping every instance of ``agent`` (default: all agents); list who answered."""
         answers = await self.control(agent, "ping", timeout=timeout)
         replies = []
         for answer in answers:
             try:
-                replies.append(PingReply.model_validate(answer.payload))
+                replies.append(InstanceRecord.model_validate(answer.payload))
             except ValidationError as exc:
                 logger.warning("malformed ping reply from %s: %s", answer.app_id, exc)
         return sorted(replies, key=lambda r: (r.agent, r.instance))
@@ -407,7 +477,7 @@ class Agent(Service):  # type: ignore[misc]
                 behaviour = await self.start_behaviour(name)
             else:
                 behaviour = await self.stop_behaviour(name)
-            return self._behaviour_info(behaviour).model_dump(mode="json")
+            return _behaviour_record(behaviour).model_dump(mode="json")
         if command == "shutdown":
             return {"agent": self.id, "instance": self.instance, "shutting_down": True}
         raise ValueError(f"unknown control command {command!r}")
@@ -418,23 +488,25 @@ class Agent(Service):  # type: ignore[misc]
         target = root.data if root is not None and root.data is not None else self
         await target.stop()
 
-    def describe(self) -> PingReply:
-        return PingReply(
+    def describe(self) -> InstanceRecord:
+        """This instance as the registry and ping answers show it."""
+        return InstanceRecord(
             agent=self.id,
             instance=self.instance,
             capabilities=list(self.capabilities),
-            behaviours=[self._behaviour_info(b) for b in self.behaviour_map.values()],
-            host=socket.gethostname(),
-            pid=os.getpid(),
+            metadata=self.metadata(),
+            behaviours=[_behaviour_record(b) for b in self.behaviour_map.values()],
+            version=self.version,
             started_at=self.started_at,
         )
 
-    @staticmethod
-    def _behaviour_info(behaviour: Behaviour) -> BehaviourInfo:
-        return BehaviourInfo(
-            name=behaviour.name,
-            kind=behaviour.kind,
-            status=behaviour.status,
-            exit_code=behaviour.exit_code,
-            binding_keys=behaviour.binding_keys,
-        )
+
+def _behaviour_record(behaviour: Behaviour) -> BehaviourRecord:
+    return BehaviourRecord(
+        name=behaviour.name,
+        kind=behaviour.kind,
+        state=behaviour.status.value,
+        exit_code=behaviour.exit_code,
+        binding_keys=behaviour.binding_keys,
+    )
+

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from mesh import logcontext, topology
 from mesh.config import Settings
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
+from mesh.state import Change, StateError, StateSlot, StateStore, as_change
 from mesh.transport import Transport
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ class Host(Protocol):
     def transport(self) -> Transport: ...
     @property
     def dead_letters(self) -> DeadLetters: ...
+    @property
+    def state_store(self) -> StateStore: ...
 
     async def publish(
         self,
@@ -160,6 +163,8 @@ class Behaviour:
     broadcast: ClassVar[bool] = False
     """Every instance gets every message (own exclusive queue) instead of sharing one."""
     autostart: ClassVar[bool] = True
+    state_model: ClassVar[type[BaseModel] | None] = None
+    """The pydantic model of ``self.state``, kept in Redis per agent and behaviour."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -180,6 +185,12 @@ class Behaviour:
         self._finished = asyncio.Event()
         self._stop_code = 0
         self._consumer: _Consumer | None = None
+        store = agent.state_store
+        self._state = (
+            StateSlot(store, store.key(agent.id, self.name), self.state_model)
+            if self.state_model is not None
+            else None
+        )
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.status}>"
@@ -236,6 +247,19 @@ class Behaviour:
             agent, operation, payload, timeout=timeout, behaviour=self.name
         )
 
+    @property
+    def state(self) -> Any:
+        """This behaviour's typed state (``state_model``), as last read or written."""
+        if self._state is None:
+            raise StateError(f"{type(self).__name__} declares no state_model")
+        return self._state.value
+
+    async def update_state(self, change: Change[Any] | None = None, /, **fields: Any) -> Any:
+        """Validate and store a change of ``self.state`` (see ``Agent.update_state``)."""
+        if self._state is None:
+            raise StateError(f"{type(self).__name__} declares no state_model")
+        return await self._state.update(as_change(change, fields))
+
     def kill(self, exit_code: int = 0) -> None:
         """End the behaviour from inside (a handler or ``main``) with ``exit_code``."""
         self._stop_code = exit_code
@@ -253,6 +277,8 @@ class Behaviour:
         self._finished.clear()
         context = contextvars.copy_context()
         context.run(logcontext.agent_id.set, self.agent.id)
+        if self._state is not None:
+            await self._state.try_restore()
         await self.setup()
         if self.routes:
             self._consumer = _Consumer(self, context)

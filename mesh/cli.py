@@ -8,17 +8,21 @@ import json
 import os
 import signal
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
+import redis.asyncio as aioredis
 from mode import Worker
 
 from mesh import logcontext, topology
 from mesh.agent import Agent
+from mesh.client import Client
 from mesh.config import ConfigError, Settings
 from mesh.gateway import Gateway
+from mesh.membership import REDIS_DOWN
+from mesh.registry import Registry
 
 T = TypeVar("T")
 
@@ -58,7 +62,7 @@ def with_client(func: Callable[[Agent], Awaitable[T]]) -> T:
     """Run ``func`` with a short-lived agent that has no behaviours (for commands)."""
 
     async def main() -> T:
-        client = Agent(f"cli-{uuid.uuid4().hex[:8]}", settings=settings_or_exit())
+        client = Client(settings=settings_or_exit())
         async with client:
             return await func(client)
 
@@ -107,14 +111,13 @@ def gateway(agent_id: str, instance: str | None, log_level: str) -> None:
 def ping(agent: str, timeout: float, as_json: bool) -> None:
     """Ping agents; list the instances that answered, with their behaviours."""
     replies = with_client(lambda client: client.ping(agent, timeout=timeout))
-    replies = [r for r in replies if not r.agent.startswith("cli-")]
     if as_json:
         echo_json([r.model_dump(mode="json") for r in replies])
         return
     if not replies:
         raise click.ClickException(f"no agent answered within {timeout:g}s")
     for reply in replies:
-        behaviours = ", ".join(f"{b.name}({b.kind}:{b.status})" for b in reply.behaviours)
+        behaviours = ", ".join(f"{b.name}({b.kind}:{b.state})" for b in reply.behaviours)
         click.echo(f"{reply.agent}/{reply.instance}  pid {reply.pid}  {behaviours or '-'}")
 
 
@@ -177,6 +180,86 @@ def call(agent: str, operation: str, payload: str, timeout: float) -> None:
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"payload is not JSON: {exc}") from None
     echo_json(with_client(lambda client: client.request(agent, operation, body, timeout=timeout)))
+
+
+def _registry_query(func: Callable[[Registry], Awaitable[T]]) -> T:
+    """Run ``func`` against the registry; only Redis is needed."""
+
+    async def main() -> T:
+        settings = settings_or_exit()
+        redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        try:
+            return await func(Registry(redis, settings.namespace, settings.heartbeat_ttl))
+        except REDIS_DOWN as exc:
+            raise click.ClickException(f"Redis unreachable at MESH_REDIS_URL: {exc}") from None
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(main())
+
+
+def _ago(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = (datetime.now(UTC) - moment).total_seconds()
+    return f"{max(seconds, 0):.1f}s ago"
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--capability", default=None, help="Only agents with this capability.")
+@click.option("--topic", default=None, help="Only agents with a behaviour receiving this topic.")
+@click.option("--all", "show_all", is_flag=True, help="Include lapsed instances not yet pruned.")
+@click.pass_context
+def agents(
+    ctx: click.Context, as_json: bool, capability: str | None, topic: str | None, show_all: bool
+) -> None:
+    """List the live agents from the registry."""
+    if ctx.invoked_subcommand is not None:
+        return
+    records = _registry_query(
+        lambda r: r.agents(capability=capability, topic=topic, alive=not show_all)
+    )
+    if as_json:
+        echo_json([r.model_dump(mode="json") for r in records])
+        return
+    rows = [("AGENT", "INSTANCES", "BEHAVIOURS", "CAPABILITIES", "LAST HEARTBEAT")]
+    for record in records:
+        names = sorted({b.name for i in record.instances for b in i.behaviours})
+        rows.append((
+            record.agent,
+            str(len([i for i in record.instances if i.alive])),
+            ",".join(names) or "-",
+            ",".join(record.capabilities) or "-",
+            _ago(record.last_heartbeat),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+@agents.command("show")
+@click.argument("agent_id")
+@click.option("--json", "as_json", is_flag=True)
+def agents_show(agent_id: str, as_json: bool) -> None:
+    """Show one agent: every instance with its behaviours."""
+    record = _registry_query(lambda r: r.agent(agent_id))
+    if record is None:
+        raise click.ClickException(f"no live agent {agent_id!r} in the registry")
+    if as_json:
+        echo_json(record.model_dump(mode="json"))
+        return
+    click.echo(f"agent {record.agent}  capabilities: {', '.join(record.capabilities) or '-'}")
+    for inst in record.instances:
+        click.echo(f"  instance {inst.instance}  host {inst.host} pid {inst.pid}  "
+                   f"version {inst.version}  started {inst.started_at:%Y-%m-%d %H:%M:%S}  "
+                   f"heartbeat {_ago(inst.heartbeat_at)}")
+        if inst.metadata:
+            click.echo(f"    metadata: {json.dumps(inst.metadata)}")
+        for b in inst.behaviours:
+            exit_code = "" if b.exit_code is None else f" exit {b.exit_code}"
+            click.echo(f"    {b.name:<16} {b.kind:<10} {b.state}{exit_code}  "
+                       f"{' '.join(b.binding_keys) or '-'}")
 
 
 @main.command()
