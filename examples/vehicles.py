@@ -47,8 +47,10 @@ class Brake(SubscriberBehaviour):
     @on("alerts.speeding.*", model=Alert)
     async def alert(self, msg: Message, alert: Alert) -> None:
         if alert.vehicle == self.agent.id:
-            print(f"{self.agent.id}: slowing down ({alert.speed_kmh} > {alert.limit_kmh} km/h)",
-                  flush=True)
+            print(
+                f"{self.agent.id}: slowing down ({alert.speed_kmh} > {alert.limit_kmh} km/h)",
+                flush=True,
+            )
 
 
 class Vehicle(Agent):
@@ -67,13 +69,17 @@ class Watch(SubscriberBehaviour):
 
     @on("vehicle.*.speed", model=Reading)
     async def speed(self, msg: Message, reading: Reading) -> None:
-        print(f"monitor: {msg.topic:<20} {reading.speed_kmh:6.1f} km/h  "
-              f"(from {msg.app_id}, verified user {msg.user_id})", flush=True)
+        print(
+            f"monitor: {msg.topic:<20} {reading.speed_kmh:6.1f} km/h  "
+            f"(from {msg.app_id}, verified user {msg.user_id})",
+            flush=True,
+        )
         if reading.speed_kmh > self.limit_kmh:
             await self.publish(
                 f"alerts.speeding.{reading.vehicle}",
-                Alert(vehicle=reading.vehicle, speed_kmh=reading.speed_kmh,
-                      limit_kmh=self.limit_kmh),
+                Alert(
+                    vehicle=reading.vehicle, speed_kmh=reading.speed_kmh, limit_kmh=self.limit_kmh
+                ),
             )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -67,7 +66,7 @@ class RPCBehaviour(Behaviour):
         self._operations = {r.spec.operation: r for r in self.routes if r.spec.operation}
 
 
-class Agent(Service):  # type: ignore[misc]
+class Agent(Service):
     """An agent instance: behaviours, a connection, an inbox for replies and control.
 
     Subclass it, list ``behaviours`` and ``capabilities``, declare ``@rpc`` methods,
@@ -156,8 +155,12 @@ class Agent(Service):  # type: ignore[misc]
         if self.registered:
             await self._membership.join()
             self.add_future(self._membership.run())
-        logger.info("agent %s/%s started with behaviours %s",
-                    self.id, self.instance, ", ".join(self.behaviour_map) or "(none)")
+        logger.info(
+            "agent %s/%s started with behaviours %s",
+            self.id,
+            self.instance,
+            ", ".join(self.behaviour_map) or "(none)",
+        )
 
     async def on_stop(self) -> None:
         self._leaving = True
@@ -181,7 +184,10 @@ class Agent(Service):  # type: ignore[misc]
         self._inbox_channel = await self.transport.open_channel(prefetch=self.settings.prefetch)
         keys = [self.reply_to, topology.error_key(self.id, self.instance)]
         if self.controllable:
-            keys += [topology.control_key(self.id, "*"), topology.control_key(topology.ALL_AGENTS, "*")]
+            keys += [
+                topology.control_key(self.id, "*"),
+                topology.control_key(topology.ALL_AGENTS, "*"),
+            ]
         self._inbox = await topology.declare_private_queue(
             self._inbox_channel, topology.inbox_queue(self.id, self.instance), keys
         )
@@ -218,7 +224,7 @@ class Agent(Service):  # type: ignore[misc]
         return await self.registry.agents(capability=capability, topic=topic, alive=alive)
 
     @property
-    def state(self) -> Any:  # type: ignore[override]  # mode's Service.state is its run state
+    def state(self) -> Any:  # replaces mode's Service.state, used only in its repr
         """This agent's typed state (``state_model``), as last read or written."""
         if self._state is None:
             raise StateError(f"{type(self).__name__} declares no state_model")
@@ -451,8 +457,13 @@ class Agent(Service):  # type: ignore[misc]
         if message.type is MessageType.ERROR and correlation == "":
             logger.warning("error notice from %s: %s", message.app_id, message.payload)
             return
-        logger.info("late or unknown %s %s from %s dropped (correlation %s)",
-                    message.type, message.message_id, message.app_id, correlation)
+        logger.info(
+            "late or unknown %s %s from %s dropped (correlation %s)",
+            message.type,
+            message.message_id,
+            message.app_id,
+            correlation,
+        )
 
     async def _on_control(self, message: Message) -> None:
         command = message.topic.rsplit(".", 1)[-1]
@@ -466,7 +477,7 @@ class Agent(Service):  # type: ignore[misc]
             return
         await self.reply(message, result)
         if command == "shutdown":
-            asyncio.get_running_loop().create_task(self._shutdown())
+            asyncio.get_running_loop().create_task(self._stop_process())
 
     async def _control_command(self, command: str, args: dict[str, Any]) -> Any:
         if command == "ping":
@@ -482,7 +493,7 @@ class Agent(Service):  # type: ignore[misc]
             return {"agent": self.id, "instance": self.instance, "shutting_down": True}
         raise ValueError(f"unknown control command {command!r}")
 
-    async def _shutdown(self) -> None:
+    async def _stop_process(self) -> None:
         logger.info("shutdown requested over the mesh")
         root = self.beacon.root
         target = root.data if root is not None and root.data is not None else self
@@ -509,4 +520,3 @@ def _behaviour_record(behaviour: Behaviour) -> BehaviourRecord:
         exit_code=behaviour.exit_code,
         binding_keys=behaviour.binding_keys,
     )
-

@@ -382,8 +382,9 @@ class _Consumer:
             )
         loop = asyncio.get_running_loop()
         self.workers = [
-            loop.create_task(self._work(), name=f"{b.agent.id}.{b.name}.worker{i}",
-                             context=self.context.copy())
+            loop.create_task(
+                self._work(), name=f"{b.agent.id}.{b.name}.worker{i}", context=self.context.copy()
+            )
             for i in range(b.max_concurrency)
         ]
         self.consumer_tag = await self.queue.consume(self._deliver)
@@ -404,8 +405,11 @@ class _Consumer:
         try:
             await asyncio.wait_for(self.idle.wait(), b.agent.settings.shutdown_timeout)
         except TimeoutError:
-            logger.warning("%s: handlers still running after %gs; requeueing their messages",
-                           b.name, b.agent.settings.shutdown_timeout)
+            logger.warning(
+                "%s: handlers still running after %gs; requeueing their messages",
+                b.name,
+                b.agent.settings.shutdown_timeout,
+            )
         for worker in self.workers:
             worker.cancel()
         await asyncio.gather(*self.workers, return_exceptions=True)
@@ -467,7 +471,9 @@ class _Consumer:
             await b.agent.reply(message, result)
         await _settle(incoming.ack())
 
-    async def _reject(self, incoming: AbstractIncomingMessage, message: Message, reason: str) -> None:
+    async def _reject(
+        self, incoming: AbstractIncomingMessage, message: Message, reason: str
+    ) -> None:
         """Dead-letter a message no retry can fix; tell a waiting requester why."""
         b = self.behaviour
         logger.warning("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
@@ -489,14 +495,21 @@ class _Consumer:
             return
         attempt = message.delivery_count + 1
         if attempt < b.delivery_limit:
-            logger.warning("%s.%s failed (attempt %d of %d), requeueing: %s",
-                           b.name, route.name, attempt, b.delivery_limit, summary)
+            logger.warning(
+                "%s.%s failed (attempt %d of %d), requeueing: %s",
+                b.name,
+                route.name,
+                attempt,
+                b.delivery_limit,
+                summary,
+            )
             await _settle(incoming.nack(requeue=True))
             return
         frames = traceback.extract_tb(exc.__traceback__)[-3:]
         where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in frames)
-        reason = (f"handler {b.name}.{route.name} failed {attempt} times; "
-                  f"last: {summary} (at {where})")
+        reason = (
+            f"handler {b.name}.{route.name} failed {attempt} times; last: {summary} (at {where})"
+        )
         logger.error("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
         await _settle(incoming.ack())

@@ -226,13 +226,15 @@ def agents(
     rows = [("AGENT", "INSTANCES", "BEHAVIOURS", "CAPABILITIES", "LAST HEARTBEAT")]
     for record in records:
         names = sorted({b.name for i in record.instances for b in i.behaviours})
-        rows.append((
-            record.agent,
-            str(len([i for i in record.instances if i.alive])),
-            ",".join(names) or "-",
-            ",".join(record.capabilities) or "-",
-            _ago(record.last_heartbeat),
-        ))
+        rows.append(
+            (
+                record.agent,
+                str(len([i for i in record.instances if i.alive])),
+                ",".join(names) or "-",
+                ",".join(record.capabilities) or "-",
+                _ago(record.last_heartbeat),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
@@ -251,15 +253,19 @@ def agents_show(agent_id: str, as_json: bool) -> None:
         return
     click.echo(f"agent {record.agent}  capabilities: {', '.join(record.capabilities) or '-'}")
     for inst in record.instances:
-        click.echo(f"  instance {inst.instance}  host {inst.host} pid {inst.pid}  "
-                   f"version {inst.version}  started {inst.started_at:%Y-%m-%d %H:%M:%S}  "
-                   f"heartbeat {_ago(inst.heartbeat_at)}")
+        click.echo(
+            f"  instance {inst.instance}  host {inst.host} pid {inst.pid}  "
+            f"version {inst.version}  started {inst.started_at:%Y-%m-%d %H:%M:%S}  "
+            f"heartbeat {_ago(inst.heartbeat_at)}"
+        )
         if inst.metadata:
             click.echo(f"    metadata: {json.dumps(inst.metadata)}")
         for b in inst.behaviours:
             exit_code = "" if b.exit_code is None else f" exit {b.exit_code}"
-            click.echo(f"    {b.name:<16} {b.kind:<10} {b.state}{exit_code}  "
-                       f"{' '.join(b.binding_keys) or '-'}")
+            click.echo(
+                f"    {b.name:<16} {b.kind:<10} {b.state}{exit_code}  "
+                f"{' '.join(b.binding_keys) or '-'}"
+            )
 
 
 @main.command()

@@ -32,21 +32,32 @@ async def run_demo(seconds: float = 0.0) -> int:
     try:
         for name, args in DEMO_PROCESSES:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mesh.cli", *args, "--log-level", "warning",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                sys.executable,
+                "-m",
+                "mesh.cli",
+                *args,
+                "--log-level",
+                "warning",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
             )
             assert process.stdout is not None
             processes.append(process)
             pipes.append(asyncio.create_task(_pipe(name, process.stdout)))
-        sys.stdout.write("demo mesh running: gateway, vehicles v7 and v8, monitor "
-                         "(Ctrl+C to stop)\n")
+        sys.stdout.write(
+            "demo mesh running: gateway, vehicles v7 and v8, monitor (Ctrl+C to stop)\n"
+        )
         sys.stdout.flush()
-        exited = asyncio.ensure_future(asyncio.wait([asyncio.ensure_future(p.wait())
-                                                     for p in processes],
-                                                    return_when=asyncio.FIRST_COMPLETED))
+        exited = asyncio.ensure_future(
+            asyncio.wait(
+                [asyncio.ensure_future(p.wait()) for p in processes],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        )
         waiter = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([exited, waiter], timeout=seconds or None,
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [exited, waiter], timeout=seconds or None, return_when=asyncio.FIRST_COMPLETED
+        )
         waiter.cancel()
         exited.cancel()
     finally:
@@ -59,8 +70,11 @@ async def run_demo(seconds: float = 0.0) -> int:
             if process.returncode is None:
                 process.kill()
         await asyncio.gather(*pipes, return_exceptions=True)
-    failed = [name for (name, _), p in zip(DEMO_PROCESSES, processes, strict=False)
-              if p.returncode not in (0, -signal.SIGTERM)]
+    failed = [
+        name
+        for (name, _), p in zip(DEMO_PROCESSES, processes, strict=False)
+        if p.returncode not in (0, -signal.SIGTERM)
+    ]
     if failed:
         sys.stdout.write(f"demo: {', '.join(failed)} exited with an error\n")
         return 1

@@ -6,7 +6,7 @@ AMQP properties carry the metadata; the body is the JSON payload only.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -127,9 +127,7 @@ def to_amqp(
 def from_amqp(incoming: AbstractIncomingMessage) -> Message:
     """Decode a delivered AMQP message; raise ``EnvelopeError`` naming what is wrong."""
     if incoming.content_type not in (None, CONTENT_TYPE):
-        raise EnvelopeError(
-            f"content type {incoming.content_type!r} is not {CONTENT_TYPE!r}"
-        )
+        raise EnvelopeError(f"content type {incoming.content_type!r} is not {CONTENT_TYPE!r}")
     try:
         payload = pydantic_core.from_json(incoming.body) if incoming.body else None
     except ValueError as exc:
@@ -155,7 +153,7 @@ def from_amqp(incoming: AbstractIncomingMessage) -> Message:
         correlation_id=incoming.correlation_id,
         reply_to=incoming.reply_to,
         timestamp=incoming.timestamp,
-        expiration=float(expiration) if expiration is not None else None,
+        expiration=_seconds(expiration),
         schema_id=_text(raw_headers.get(H_SCHEMA)),
         traceparent=_text(raw_headers.get(H_TRACEPARENT)),
         audit_id=_text(raw_headers.get(H_AUDIT)),
@@ -165,6 +163,14 @@ def from_amqp(incoming: AbstractIncomingMessage) -> Message:
         headers=headers,
         delivery_count=int(delivery_count) if isinstance(delivery_count, int) else 0,
     )
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, int | float):
+        return float(value)
+    return None
 
 
 def _text(value: Any) -> str | None:

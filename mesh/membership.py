@@ -53,8 +53,9 @@ class Membership:
         try:
             await self.registry.deregister(record.agent, record.instance)
         except REDIS_DOWN as exc:
-            logger.warning("could not deregister (Redis unreachable: %s); the lease will lapse",
-                           exc)
+            logger.warning(
+                "could not deregister (Redis unreachable: %s); the lease will lapse", exc
+            )
         await self._announce("leave", {"agent": record.agent, "instance": record.instance})
         self.registered = False
 
@@ -67,9 +68,7 @@ class Membership:
     async def beat(self) -> None:
         record = self.describe()
         try:
-            alive = self.registered and await self.registry.heartbeat(
-                record.agent, record.instance
-            )
+            alive = self.registered and await self.registry.heartbeat(record.agent, record.instance)
         except REDIS_DOWN as exc:
             self._down(exc)
             return

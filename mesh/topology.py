@@ -133,7 +133,9 @@ async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExcha
     policy = await channel.declare_exchange(
         POLICY_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )
-    topic = await channel.declare_exchange(TOPIC_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    topic = await channel.declare_exchange(
+        TOPIC_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
     dlx = await channel.declare_exchange(
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )

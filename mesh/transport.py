@@ -78,7 +78,7 @@ class Transport:
         channel = await self.connection.channel(publisher_confirms=True)
         if prefetch is not None:
             await channel.set_qos(prefetch_count=prefetch)
-        return channel  # type: ignore[return-value]
+        return channel
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -135,8 +135,9 @@ class Transport:
                 f"broker unreachable: message to {exchange}/{routing_key} not confirmed "
                 f"within {self.settings.publish_timeout:g}s"
             ) from exc
-        logger.warning("publish to %s/%s interrupted (%r); waiting for the broker",
-                       exchange, routing_key, exc)
+        logger.warning(
+            "publish to %s/%s interrupted (%r); waiting for the broker", exchange, routing_key, exc
+        )
         try:
             await asyncio.wait_for(self.channel.ready(), remaining)
         except TimeoutError:

@@ -22,8 +22,9 @@ class Gateway(Agent):
     capabilities = ["gateway"]
     behaviours = [Relay]
 
-    def __init__(self, id: str = "gateway", *, stages: list[Stage] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, id: str = "gateway", *, stages: list[Stage] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(id, **kwargs)
         relay = self.behaviour_map[Relay.name]
         assert isinstance(relay, Relay)

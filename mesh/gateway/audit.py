@@ -29,5 +29,7 @@ class Audit:
         }
         audit_log.info(
             "relay user=%(user)s agent=%(agent)s type=%(type)s key=%(routing_key)s "
-            "id=%(message_id)s bytes=%(bytes)d", record, extra={"audit": record}
+            "id=%(message_id)s bytes=%(bytes)d",
+            record,
+            extra={"audit": record},
         )

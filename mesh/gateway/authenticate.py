@@ -15,7 +15,10 @@ class Authenticate:
     async def __call__(self, passage: Passage) -> None:
         user = passage.incoming.user_id
         if not user:
-            raise Denied(self.name, "message has no user_id; the gateway accepts only "
-                         "messages whose sender RabbitMQ verified")
+            raise Denied(
+                self.name,
+                "message has no user_id; the gateway accepts only "
+                "messages whose sender RabbitMQ verified",
+            )
         passage.user = user
         passage.headers[H_USER] = user

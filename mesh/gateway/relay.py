@@ -60,9 +60,7 @@ class Relay(Behaviour):
             await asyncio.shield(self._drain(queue, tag, idle, channel))
         return None
 
-    async def _drain(
-        self, queue: Any, tag: str, idle: asyncio.Event, channel: Any
-    ) -> None:
+    async def _drain(self, queue: Any, tag: str, idle: asyncio.Event, channel: Any) -> None:
         try:
             await queue.cancel(tag)
             await asyncio.wait_for(idle.wait(), self.agent.settings.shutdown_timeout)
@@ -106,19 +104,34 @@ class Relay(Behaviour):
         await incoming.ack()
 
     async def _no_route(self, passage: Passage) -> None:
-        agent, operation = (passage.routing_key.split(".") + ["", "", ""])[1:3]
+        _, agent, operation = passage.routing_key.split(".", 2)
         await self._notify(
             passage,
-            {"error": f"no instance of agent {agent!r} serves operation {operation!r}",
-             "type": "Unroutable"},
+            {
+                "error": f"no instance of agent {agent!r} serves operation {operation!r}",
+                "type": "Unroutable",
+            },
         )
 
     async def _deny(self, passage: Passage, denied: Denied) -> None:
         incoming = passage.incoming
-        logger.warning("denied %s from %s/%s on %s: %s", incoming.message_id, incoming.user_id,
-                       incoming.app_id, passage.routing_key, denied)
-        await self._notify(passage, {"error": denied.reason, "type": "Denied",
-                                     "stage": denied.stage, "message_id": incoming.message_id})
+        logger.warning(
+            "denied %s from %s/%s on %s: %s",
+            incoming.message_id,
+            incoming.user_id,
+            incoming.app_id,
+            passage.routing_key,
+            denied,
+        )
+        await self._notify(
+            passage,
+            {
+                "error": denied.reason,
+                "type": "Denied",
+                "stage": denied.stage,
+                "message_id": incoming.message_id,
+            },
+        )
         await self.agent.dead_letters.send(
             incoming, f"denied by gateway {denied.stage}: {denied.reason}", topology.GATEWAY_QUEUE
         )

@@ -1,0 +1,283 @@
+"""Typed agent state in Redis, written with compare-and-set.
+
+Each state lives in a hash at ``f"{namespace}:state:{agent}"`` (or ``…:{agent}:{behaviour}``) with
+two fields: ``v``, a version that every write increments, and ``data``, the JSON of the pydantic
+model. A write succeeds only if the version is still the one the change was computed from;
+otherwise the change is applied again to the fresh value.
+
+The compare-and-set is a Lua script rather than WATCH/MULTI: it is one round trip per attempt
+(WATCH needs WATCH, a read, MULTI and EXEC on a connection held for the whole time), and on a
+conflict the script returns the current value, so the retry needs no extra read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from mesh.topology import check_name
+
+__all__ = [
+    "InvalidState",
+    "StateConflict",
+    "StateError",
+    "StateSlot",
+    "StateStore",
+    "StateUnavailable",
+    "Versioned",
+    "state_key",
+]
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+class StateError(Exception):
+    """Base of the errors the state store raises."""
+
+
+class InvalidState(StateError, ValueError):
+    """A value does not fit the state model; nothing was written."""
+
+
+class StateConflict(StateError):
+    """Other writers kept changing the state; the update gave up after ``max_attempts``."""
+
+
+class StateUnavailable(StateError):
+    """Redis could not be reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned(Generic[M]):
+    """A state value and the version it was read or written at (0: never written)."""
+
+    value: M
+    version: int
+
+
+def state_key(namespace: str, agent: str, behaviour: str | None = None) -> str:
+    """The Redis key of an agent's state, or of one of its behaviours' state."""
+    key = f"{namespace}:state:{check_name('agent', agent)}"
+    return key if behaviour is None else f"{key}:{check_name('behaviour', behaviour)}"
+
+
+# KEYS: state.  ARGV: expected version, new data.
+# Returns {1, new version} or, on a conflict, {0, current version, current data}.
+_CAS = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if cur ~= tonumber(ARGV[1]) then
+  return {0, cur, redis.call('HGET', KEYS[1], 'data')}
+end
+redis.call('HSET', KEYS[1], 'v', cur + 1, 'data', ARGV[2])
+return {1, cur + 1}
+"""
+
+
+class StateStore:
+    """Loads and updates pydantic models kept in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self._cas = redis.register_script(_CAS)
+
+    def key(self, agent: str, behaviour: str | None = None) -> str:
+        """The key of ``agent``'s state, or of its ``behaviour``'s, in this namespace."""
+        return state_key(self.namespace, agent, behaviour)
+
+    async def load(self, key: str, model: type[M]) -> Versioned[M]:
+        """The stored value of ``key``; ``model()`` at version 0 if nothing is stored."""
+        version, value = await self._read(key, model)
+        return Versioned(_defaults(model) if value is None else value, version)
+
+    async def update(
+        self,
+        key: str,
+        model: type[M],
+        change: Mapping[str, Any] | Callable[[M], M | Mapping[str, Any]],
+        *,
+        current: Versioned[M] | None = None,
+        max_attempts: int = 32,
+    ) -> Versioned[M]:
+        """Apply ``change`` to the state at ``key`` and store it if no one wrote in between.
+
+        ``change`` is a mapping of field values, or a function of the current value returning a
+        new value or a mapping; it may run more than once, so it should have no side effects.
+        Pass ``current`` (a value from ``load``/``update``) to skip the initial read. On a
+        conflict the change is re-applied to the fresh value, up to ``max_attempts`` times.
+
+        Raises ``InvalidState`` (nothing written) if the result does not validate, and
+        ``StateConflict`` if every attempt lost a race.
+        """
+        if current is None:
+            version, base = await self._read(key, model)
+        else:
+            version, base = current.version, current.value
+        for _ in range(max_attempts):
+            value = _apply(model, base, change)
+            reply = await self._call(self._cas(keys=[key], args=[version, value.model_dump_json()]))
+            if int(reply[0]) == 1:
+                return Versioned(value, int(reply[1]))
+            version = int(reply[1])
+            base = _decode(key, model, reply[2] if len(reply) > 2 else None)
+            logger.debug("state %s changed under us (now v%d); retrying", key, version)
+        raise StateConflict(
+            f"state {key!r}: gave up after {max_attempts} attempts, other writers kept changing it"
+        )
+
+    async def _read(self, key: str, model: type[M]) -> tuple[int, M | None]:
+        # Like load, but a missing state without defaults is not an error yet: a mapping
+        # change may supply every required field.
+        version, data = await self._call(self.redis.hmget(key, ["v", "data"]))
+        value = _decode(key, model, data)
+        return (0, None) if value is None else (int(version or 0), value)
+
+    async def _call(self, op: Awaitable[T]) -> T:
+        try:
+            return await op
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StateUnavailable(
+                f"state store: Redis at {_location(self.redis)} is unreachable: {exc}"
+            ) from exc
+
+
+def _location(redis: aioredis.Redis) -> str:
+    # Built from the connection settings rather than the URL so no password can leak.
+    kwargs = redis.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+
+def _decode(key: str, model: type[M], data: bytes | str | None) -> M | None:
+    if data is None:
+        return None
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise InvalidState(
+            f"stored state {key!r} does not fit {model.__name__}: {_describe(exc)}"
+        ) from None
+
+
+def _defaults(model: type[M]) -> M:
+    try:
+        return model()
+    except ValidationError as exc:
+        missing = [
+            ".".join(str(p) for p in err["loc"]) for err in exc.errors() if err["type"] == "missing"
+        ]
+        detail = f"fields without defaults: {', '.join(missing)}" if missing else _describe(exc)
+        raise InvalidState(
+            f"no state stored and {model.__name__}() cannot be built from defaults ({detail}); "
+            "give those fields defaults or write the state with a mapping first"
+        ) from None
+
+
+def _apply(
+    model: type[M],
+    base: M | None,
+    change: Mapping[str, Any] | Callable[[M], M | Mapping[str, Any]],
+) -> M:
+    if isinstance(change, Mapping):
+        updates: Mapping[str, Any] = change
+        data: dict[str, Any] = {} if base is None else base.model_dump()
+    else:
+        # A copy, so a change that mutates its argument cannot spoil the value a retry starts from.
+        result = change((_defaults(model) if base is None else base).model_copy(deep=True))
+        if isinstance(result, model):
+            return _validate(model, dict(result))
+        if not isinstance(result, Mapping):
+            raise TypeError(
+                f"a state change must return a {model.__name__} or a mapping, "
+                f"not {type(result).__name__}"
+            )
+        updates = result
+        data = {} if base is None else base.model_dump()
+    if model.model_config.get("extra") != "allow":
+        unknown = sorted(set(updates) - set(model.model_fields))
+        if unknown:
+            raise InvalidState(f"{model.__name__} has no field {', '.join(map(repr, unknown))}")
+    data.update(updates)
+    return _validate(model, data)
+
+
+def _validate(model: type[M], data: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidState(f"invalid {model.__name__}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(value)'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+Change = Mapping[str, Any] | Callable[[M], M | Mapping[str, Any]]
+
+
+class StateSlot(Generic[M]):
+    """One agent's (or behaviour's) state: restored on start, updated with compare-and-set.
+
+    ``value`` is the last value read or written by this process; ``update`` re-applies its
+    change on top of whatever another replica wrote meanwhile.
+    """
+
+    def __init__(self, store: StateStore, key: str, model: type[M]) -> None:
+        self.store = store
+        self.key = key
+        self.model = model
+        self._current: Versioned[M] | None = None
+
+    @property
+    def value(self) -> M:
+        if self._current is None:
+            return _defaults(self.model)
+        return self._current.value
+
+    @property
+    def version(self) -> int | None:
+        """The version ``value`` was read or written at; ``None`` before the first read."""
+        return None if self._current is None else self._current.version
+
+    async def restore(self) -> M:
+        self._current = await self.store.load(self.key, self.model)
+        return self._current.value
+
+    async def try_restore(self) -> bool:
+        """Restore, or log why not while Redis is unreachable.
+
+        Handling messages matters more than state: the owner goes on with defaults, and
+        its first update reads the stored version, so nothing is overwritten blindly.
+        """
+        try:
+            await self.restore()
+        except StateUnavailable as exc:
+            logger.warning("state %s not restored: %s", self.key, exc)
+            return False
+        return True
+
+    async def update(self, change: Change[M]) -> M:
+        self._current = await self.store.update(
+            self.key, self.model, change, current=self._current
+        )
+        return self._current.value
+
+
+def as_change(change: Change[M] | None, fields: Mapping[str, Any]) -> Change[M]:
+    """``update_state``'s arguments, a change or field values, as one change."""
+    if change is not None and fields:
+        raise TypeError("update_state takes a change or field values, not both")
+    return dict(fields) if change is None else change
