@@ -168,15 +168,14 @@ def probe(endpoint: Endpoint, timeout: float = 2.0) -> Probe:
             return Probe.ANSWERS
         expected: tuple[bytes, ...]
         if endpoint.kind == RABBITMQ:
-            sock.sendall(_AMQP_HEADER)
             # A broker answers with a Connection.Start method frame (frame type 1).
-            expected, need = (b"\x01",), 1
+            hello, expected, need = _AMQP_HEADER, (b"\x01",), 1
         else:
-            sock.sendall(_REDIS_PING)
             # A password-protected Redis still proves it is Redis by refusing with NOAUTH.
-            expected, need = (b"+PONG", b"-NOAUTH"), 7
+            hello, expected, need = _REDIS_PING, (b"+PONG", b"-NOAUTH"), 7
         data = b""
         try:
+            sock.sendall(hello)
             while len(data) < need:
                 chunk = sock.recv(64)
                 if not chunk:
@@ -314,12 +313,15 @@ def running_private_rabbit(endpoint: Endpoint, state_dir: Path) -> PrivateRabbit
     return rabbit if rabbit is not None and rabbit.running_pid() is not None else None
 
 
-def _running_private_redis(endpoint: Endpoint, state_dir: Path) -> tuple[int, Path] | None:
-    if not endpoint.is_local:
-        return None
+def _private_process(endpoint: Endpoint, state_dir: Path) -> tuple[int, Path] | None:
+    """(pid, directory) of the private process serving ``endpoint``, if we started one."""
+    if endpoint.kind == RABBITMQ:
+        rabbit = running_private_rabbit(endpoint, state_dir)
+        pid = rabbit.running_pid() if rabbit else None
+        return (pid, rabbit.directory) if rabbit and pid else None
     directory = _redis_dir(state_dir, endpoint.port)
     pid = _read_pid(directory / "redis.pid")
-    if pid is None or not _pid_alive(pid, f":{endpoint.port}"):
+    if not endpoint.is_local or pid is None or not _pid_alive(pid, f":{endpoint.port}"):
         return None
     return pid, directory
 
@@ -379,28 +381,18 @@ def find_services(settings: Settings | None = None, *, state_dir: Path | None = 
     """Probe both services without starting anything."""
     settings = settings or Settings.from_env()
     state_dir = state_dir or default_state_dir()
-    rabbit_ep = parse_endpoint(RABBITMQ, settings.amqp_url)
-    redis_ep = parse_endpoint(REDIS, settings.redis_url)
 
-    rabbit_probe = probe(rabbit_ep)
-    rabbit = running_private_rabbit(rabbit_ep, state_dir) if rabbit_probe is Probe.ANSWERS else None
-    rabbit_status = ServiceStatus(
-        rabbit_ep,
-        rabbit_probe,
-        rabbit.running_pid() if rabbit else None,
-        rabbit.directory if rabbit else None,
+    def status(endpoint: Endpoint) -> ServiceStatus:
+        found = probe(endpoint)
+        private = _private_process(endpoint, state_dir) if found is Probe.ANSWERS else None
+        return ServiceStatus(endpoint, found, *(private or (None, None)))
+
+    return Services(
+        settings,
+        state_dir,
+        status(parse_endpoint(RABBITMQ, settings.amqp_url)),
+        status(parse_endpoint(REDIS, settings.redis_url)),
     )
-    redis_probe = probe(redis_ep)
-    private_redis = (
-        _running_private_redis(redis_ep, state_dir) if redis_probe is Probe.ANSWERS else None
-    )
-    redis_status = ServiceStatus(
-        redis_ep,
-        redis_probe,
-        private_redis[0] if private_redis else None,
-        private_redis[1] if private_redis else None,
-    )
-    return Services(settings, state_dir, rabbit_status, redis_status)
 
 
 def ensure_services(
@@ -545,20 +537,24 @@ def _run_apt(cmd: list[str], env: Mapping[str, str]) -> None:
         raise DevServicesError(f"`{' '.join(cmd)}` failed (exit {result.returncode}):\n{output}")
 
 
+def _apt_env() -> dict[str, str]:
+    # dpkg's maintainer scripts need the sbin directories even when the caller's PATH lacks them.
+    return {**os.environ, "PATH": default_search_path(), "DEBIAN_FRONTEND": "noninteractive"}
+
+
 @functools.cache
-def _apt_update(apt: str, search_path: str) -> None:
+def _apt_update(apt: str) -> None:
     """``apt-get update``, once per process however many installs follow."""
-    _run_apt([apt, "update"], {**os.environ, "PATH": search_path})
+    _run_apt([apt, "update"], _apt_env())
 
 
 def _apt_install(packages: list[str], search_path: str) -> None:
     apt = shutil.which("apt-get", path=search_path)
     assert apt is not None  # _may_install checked it
     log.warning("installing %s with apt-get (MESH_DEVSERVICES_INSTALL=0 forbids this)", packages)
-    env = {**os.environ, "PATH": search_path, "DEBIAN_FRONTEND": "noninteractive"}
     with _no_service_autostart():
-        _apt_update(apt, search_path)
-        _run_apt([apt, "install", "-y", "--no-install-recommends", *packages], env)
+        _apt_update(apt)
+        _run_apt([apt, "install", "-y", "--no-install-recommends", *packages], _apt_env())
 
 
 def _free_port(preferred: int, host: str = "127.0.0.1") -> int:
@@ -848,17 +844,17 @@ class BrokerAdmin:
             )
         return cls(settings.amqp_url, rabbitmqctl=str(ctl), node=node)
 
-    async def ctl(self, *args: str) -> str:
+    async def ctl(self, *args: str, stdin: bytes | None = None) -> str:
         """Run ``rabbitmqctl [-n node] ARGS`` against the verified node; return its stdout."""
         await self.node_name()
-        return await self._run(*args)
+        return await self._run(*args, stdin=stdin)
 
-    async def _run(self, *args: str) -> str:
+    async def _run(self, *args: str, stdin: bytes | None = None) -> str:
         cmd = [self.rabbitmqctl, *(["-n", self.node] if self.node else []), *map(_check_arg, args)]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=self._env,
@@ -866,7 +862,7 @@ class BrokerAdmin:
         except OSError as exc:
             raise DevServicesError(f"cannot run {self.rabbitmqctl}: {exc}") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+            out, err = await asyncio.wait_for(proc.communicate(stdin), self.timeout)
         except TimeoutError:
             proc.kill()
             await proc.wait()
@@ -910,10 +906,19 @@ class BrokerAdmin:
         return (await self.ctl("-s", "list_vhosts", "name")).splitlines()
 
     async def create_vhost(self, name: str) -> None:
-        """Create a vhost and give the URL's user full permissions on it."""
-        await self.ctl("-q", "add_vhost", name)
+        """Create a vhost (or keep an existing one); the URL's user gets full permissions."""
         user = self.endpoint.username or "guest"
-        await self.ctl("-q", "set_permissions", "-p", name, user, ".*", ".*", ".*")
+        definitions = {
+            "vhosts": [{"name": _check_arg(name)}],
+            "permissions": [
+                {"user": user, "vhost": name, "configure": ".*", "write": ".*", "read": ".*"}
+            ],
+        }
+        # One definitions import (read from stdin) instead of add_vhost + set_permissions:
+        # each rabbitmqctl call boots an Erlang VM, and tests create a vhost per test.
+        await self.ctl(
+            "-q", "import_definitions", "--format", "json", stdin=json.dumps(definitions).encode()
+        )
 
     async def delete_vhost(self, name: str) -> None:
         """Delete a vhost (closing its connections); a vhost that does not exist is fine."""

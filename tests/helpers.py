@@ -1,0 +1,66 @@
+"""Test helpers shared by the whole suite. Tests synchronise by polling, never by sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _describe(predicate: Callable[..., Any]) -> str:
+    # A lambda's source line says more in a failure than "<lambda>".
+    try:
+        return inspect.getsource(predicate).strip()
+    except (OSError, TypeError):
+        return getattr(predicate, "__qualname__", repr(predicate))
+
+
+async def eventually(
+    predicate: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | None = None,
+) -> T:
+    """Poll ``predicate`` (sync or async) until it returns something truthy, and return that.
+
+    An AssertionError raised by the predicate counts as "not yet", so predicates may assert.
+    After ``timeout`` seconds raises AssertionError naming the condition and its last result.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        last_error: AssertionError | None = None
+        try:
+            result = predicate()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result  # type: ignore[return-value]
+        except AssertionError as exc:
+            last_error = exc
+            result = None  # type: ignore[assignment]
+        if time.monotonic() >= deadline:
+            detail = f"last error: {last_error}" if last_error else f"last result: {result!r}"
+            raise AssertionError(
+                f"not true within {timeout}s: {what or _describe(predicate)} ({detail})"
+            )
+        await asyncio.sleep(interval)
+
+
+async def delete_namespace(client: Any, namespace: str) -> int:
+    """UNLINK every Redis key under ``<namespace>:``; return how many went."""
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", namespace) + ":*"
+    deleted = 0
+    batch: list[Any] = []
+    async for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += await client.unlink(*batch)
+    return deleted
