@@ -91,6 +91,10 @@ class Membership:
             logger.info("Redis reachable again; registered %s/%s", record.agent, record.instance)
         self.registered = True
         await self._announce(event, {**record.model_dump(mode="json"), **extra})
+        if self.describe().behaviours != record.behaviours:
+            # A behaviour changed while the write was in flight; its own update may have
+            # been skipped (not yet registered), so write the newer record now.
+            await self._register("behaviour")
 
     async def _announce(self, event: str, payload: dict[str, Any]) -> None:
         try:
