@@ -364,6 +364,7 @@ class _Consumer:
         self.channel: AbstractRobustChannel | None = None
         self.queue: AbstractQueue | None = None
         self.consumer_tag: str | None = None
+        self.stopping = False
 
     def owns_current_task(self) -> bool:
         return asyncio.current_task() in self.workers
@@ -390,18 +391,25 @@ class _Consumer:
         self.consumer_tag = await self.queue.consume(self._deliver)
 
     async def _deliver(self, incoming: AbstractIncomingMessage) -> None:
+        if self.stopping:
+            # Delivered after stop began (it was already on the wire): hand it back.
+            await _settle(incoming.nack(requeue=True))
+            return
         self.mailbox.put_nowait(incoming)
 
     async def stop(self) -> None:
         """Stop taking messages, requeue those not started, let in-flight ones finish."""
         b = self.behaviour
+        self.stopping = True
+        # Taken out in one go, before any await, so no worker starts one of them.
+        unstarted = [self.mailbox.get_nowait() for _ in range(self.mailbox.qsize())]
+        for incoming in unstarted:
+            await _settle(incoming.nack(requeue=True))
         if self.queue is not None and self.consumer_tag is not None:
             try:
                 await self.queue.cancel(self.consumer_tag)
             except Exception as exc:  # the broker will requeue on channel close anyway
                 logger.debug("cancel consumer of %s: %r", b.queue_name, exc)
-        while not self.mailbox.empty():
-            await _settle(self.mailbox.get_nowait().nack(requeue=True))
         try:
             await asyncio.wait_for(self.idle.wait(), b.agent.settings.shutdown_timeout)
         except TimeoutError:
@@ -428,7 +436,11 @@ class _Consumer:
                 await _settle(incoming.nack(requeue=True))
                 raise
             except Exception:
-                logger.exception("%s: failed to settle a message", self.behaviour.name)
+                # Dead-lettering or replying failed (broker trouble): let it come back.
+                logger.exception(
+                    "%s: could not settle a message; requeueing it", self.behaviour.name
+                )
+                await _settle(incoming.nack(requeue=True))
             finally:
                 self.busy -= 1
                 if self.busy == 0:
@@ -468,7 +480,11 @@ class _Consumer:
             await self._failed(incoming, message, route, exc)
             return
         if message.type is MessageType.REQUEST:
-            await b.agent.reply(message, result)
+            try:
+                await b.agent.reply(message, result)
+            except EnvelopeError as exc:
+                await self._failed(incoming, message, route, exc)
+                return
         await _settle(incoming.ack())
 
     async def _reject(

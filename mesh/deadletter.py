@@ -9,13 +9,11 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from mesh import topology
-from mesh.envelope import H_REASON, H_USER
+from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_USER
 from mesh.transport import Transport
 
 logger = logging.getLogger(__name__)
 
-H_QUEUE = "x-mesh-queue"
-H_DEAD_BY = "x-mesh-dead-by"
 MAX_REASON = 2000
 
 

@@ -27,6 +27,13 @@ H_REDACTED = "x-mesh-redacted"
 H_USER = "x-mesh-user"
 H_REASON = "x-mesh-reason"
 H_DELIVERY_COUNT = "x-delivery-count"
+H_QUEUE = "x-mesh-queue"
+H_DEAD_BY = "x-mesh-dead-by"
+
+RESERVED_HEADERS = frozenset(
+    {H_USER, H_AUDIT, H_REDACTED, H_REASON, H_DELIVERY_COUNT, H_QUEUE, H_DEAD_BY}
+)
+"""Set by the gateway or the broker; a sender's values are dropped at the gateway."""
 
 _KNOWN_HEADERS = frozenset(
     {H_TOPIC, H_INSTANCE, H_BEHAVIOUR, H_SCHEMA, H_TRACEPARENT, H_AUDIT, H_REDACTED, H_USER}

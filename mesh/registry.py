@@ -7,25 +7,28 @@ Redis deletes the record itself ``retention`` seconds later.
 
 Key layout, with ``R = f"{namespace}:registry"`` and ``M = f"{agent}:{instance}"``:
 
-=================== ======= =============================================================
-key                 type    holds
-=================== ======= =============================================================
-``R:inst:M``        string  ``"<lease ms>:<record JSON>"``; expires ``ttl + retention`` after
-                            the last heartbeat
-``R:idx:M``         string  JSON of the index keys and wildcard patterns the instance is in,
-                            so a heartbeat renews them without rewriting the record
-``R:live``          zset    every ``M``, scored by lease expiry (epoch ms)
-``R:agent:<agent>`` zset    the agent's ``M``, scored by lease expiry
-``R:cap:<cap>``     zset    the ``M`` that have capability ``<cap>``, scored by lease expiry
-``R:pat:<pattern>`` zset    the ``M`` with a behaviour bound with ``<pattern>``, same scores
-``R:wild``          zset    binding patterns that contain ``*`` or ``#``, scored by the latest
-                            expiry of any instance bound with them
-=================== ======= =============================================================
+====================== ====== =========================================================
+key                    type   holds
+====================== ====== =========================================================
+``R:inst:M``           string ``"<lease ms>:<record JSON>"``; expires ``ttl + retention``
+                              after the last heartbeat
+``R:idx:M``            string JSON of the indexes the instance is in, so a heartbeat
+                              renews them without rewriting the record
+``R:live``             zset   every ``M``, scored by lease expiry (epoch ms)
+``R:agent:<agent>``    zset   the agent's ``M``, scored by lease expiry
+``R:cap:<capability>`` zset   the ``M`` with that capability, scored by lease expiry
+``R:pat:<pattern>``    zset   the ``M`` with a behaviour bound with that pattern, scored
+                              by lease expiry
+``R:wild:<prefix>``    zset   wildcard patterns whose words before the first ``*`` or
+                              ``#`` are ``<prefix>`` (``a.b`` for ``a.b.*.c``, empty for
+                              ``#``), scored by the latest expiry of their instances
+====================== ====== =========================================================
 
-A discovery query reads one index (the agent's, the capability's, the topic's, or ``live``) and
-fetches the records in a single Lua call. A topic query first reads ``R:wild`` and matches the
-patterns locally with :func:`mesh.topology.matches`; literal patterns are looked up by key, so
-only wildcard patterns cost a match.
+A query by agent or capability reads that one index and the records it names in a single Lua
+call, which returns them as one JSON array. A query by topic first collects the wildcard
+patterns that could match (those in the buckets of the topic's prefixes: ``""``, ``a``, ``a.b``
+… for ``a.b.c``), keeps those that :func:`mesh.topology.matches`, and then reads the indexes of
+those patterns and of the topic itself (literal bindings need no matching).
 
 Time is Redis server time (``TIME`` inside the scripts), for writes and reads alike: agents run on
 many hosts whose clocks disagree, and a single clock keeps "alive" the same answer everywhere.
@@ -227,7 +230,8 @@ _READ = (
     + """
 local low = '-inf'
 if ARGV[2] == '1' then low = '(' .. now end
-local out = {}
+-- pieces, joined once at the end: building each record's string would copy it twice more
+local out = {'['}
 local seen = {}
 for _, key in ipairs(KEYS) do
   local hits = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES')
@@ -239,15 +243,21 @@ for _, key in ipairs(KEYS) do
       if value then
         local colon = string.find(value, ':', 1, true)
         local exp = tonumber(hits[i + 1])
-        local beat = exp - tonumber(string.sub(value, 1, colon - 1))
-        out[#out + 1] = string.sub(value, colon + 1, -2)
-          .. ',"heartbeat_at":' .. string.format('%.0f', beat)
-          .. ',"alive":' .. (exp > now and 'true' or 'false') .. '}'
+        local n = #out
+        if n > 1 then
+          n = n + 1
+          out[n] = ','
+        end
+        out[n + 1] = string.sub(value, colon + 1, -2)
+        out[n + 2] = ',"heartbeat_at":'
+        out[n + 3] = string.format('%.0f', exp - tonumber(string.sub(value, 1, colon - 1)))
+        out[n + 4] = exp > now and ',"alive":true}' or ',"alive":false}'
       end
     end
   end
 end
-return '[' .. table.concat(out, ',') .. ']'
+out[#out + 1] = ']'
+return table.concat(out)
 """
 )
 

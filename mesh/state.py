@@ -2,8 +2,9 @@
 
 Each state lives in a hash at ``f"{namespace}:state:{agent}"`` (or ``…:{agent}:{behaviour}``) with
 two fields: ``v``, a version that every write increments, and ``data``, the JSON of the pydantic
-model. A write succeeds only if the version is still the one the change was computed from;
-otherwise the change is applied again to the fresh value.
+model (plus ``p`` and ``pe`` while a starved writer holds priority, see ``_CAS``). A write
+succeeds only if the version is still the one the change was computed from; otherwise the change
+is applied again to the fresh value.
 
 The compare-and-set is a Lua script rather than WATCH/MULTI: it is one round trip per attempt
 (WATCH needs WATCH, a read, MULTI and EXEC on a connection held for the whole time), and on a
@@ -12,7 +13,12 @@ conflict the script returns the current value, so the retry needs no extra read.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import random
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -71,16 +77,41 @@ def state_key(namespace: str, agent: str, behaviour: str | None = None) -> str:
     return key if behaviour is None else f"{key}:{check_name('behaviour', behaviour)}"
 
 
-# KEYS: state.  ARGV: expected version, new data.
-# Returns {1, new version} or, on a conflict, {0, current version, current data}.
+# KEYS: state.  ARGV: expected version, new data, writer token, '1' to claim priority.
+# Returns {1, new version} or {0, current version, current data}.
+#
+# Plain compare-and-set starves: a writer updating in a loop sends its next write the moment its
+# reply lands, ahead of the loser's retry, and wins every race. So a writer that has lost a few
+# times claims priority (fields 'p', its token, and 'pe', when the claim lapses): until it writes,
+# everyone else's write is refused as if stale, and its own next write is certain to succeed.
 _CAS = """
-local cur = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if cur ~= tonumber(ARGV[1]) then
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local f = redis.call('HMGET', KEYS[1], 'v', 'p', 'pe')
+local cur = tonumber(f[1] or '0')
+local free = not f[2] or f[2] == ARGV[3] or tonumber(f[3]) <= now
+if cur ~= tonumber(ARGV[1]) or not free then
+  if free and ARGV[4] == '1' and cur > 0 then
+    redis.call('HSET', KEYS[1], 'p', ARGV[3], 'pe', now + tonumber(ARGV[5]))
+  end
   return {0, cur, redis.call('HGET', KEYS[1], 'data')}
 end
 redis.call('HSET', KEYS[1], 'v', cur + 1, 'data', ARGV[2])
+if f[2] then redis.call('HDEL', KEYS[1], 'p', 'pe') end
 return {1, cur + 1}
 """
+
+# KEYS: state.  ARGV: writer token.  Drops the writer's claim if it still holds one.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'p') == ARGV[1] then redis.call('HDEL', KEYS[1], 'p', 'pe') end
+return 1
+"""
+
+_CLAIM_AFTER = 2
+"""Lost attempts after which a writer claims priority on the key."""
+
+_CLAIM_MS = 200
+"""How long a claim holds if its writer never writes (it crashed or gave up)."""
 
 
 class StateStore:
@@ -90,6 +121,7 @@ class StateStore:
         self.redis = redis
         self.namespace = namespace
         self._cas = redis.register_script(_CAS)
+        self._release = redis.register_script(_RELEASE)
 
     def key(self, agent: str, behaviour: str | None = None) -> str:
         """The key of ``agent``'s state, or of its ``behaviour``'s, in this namespace."""
@@ -123,17 +155,44 @@ class StateStore:
             version, base = await self._read(key, model)
         else:
             version, base = current.version, current.value
-        for _ in range(max_attempts):
-            value = _apply(model, base, change)
-            reply = await self._call(self._cas(keys=[key], args=[version, value.model_dump_json()]))
-            if int(reply[0]) == 1:
-                return Versioned(value, int(reply[1]))
-            version = int(reply[1])
-            base = _decode(key, model, reply[2] if len(reply) > 2 else None)
-            logger.debug("state %s changed under us (now v%d); retrying", key, version)
-        raise StateConflict(
-            f"state {key!r}: gave up after {max_attempts} attempts, other writers kept changing it"
-        )
+        token = secrets.token_hex(8)
+        claimed = False
+        try:
+            for attempt in range(max_attempts):
+                value = _apply(model, base, change)
+                started = time.monotonic()
+                claimed = claimed or attempt + 1 >= _CLAIM_AFTER
+                args: list[str | int] = [
+                    version,
+                    value.model_dump_json(),
+                    token,
+                    int(claimed),
+                    _CLAIM_MS,
+                ]
+                reply = await self._call(self._cas(keys=[key], args=args))
+                if int(reply[0]) == 1:
+                    return Versioned(value, int(reply[1]))
+                stale, version = version, int(reply[1])
+                base = _decode(key, model, reply[2] if len(reply) > 2 else None)
+                logger.debug("state %s changed under us (now v%d); retrying", key, version)
+                if version == stale:
+                    # Refused though current: another writer holds priority. Give it about a
+                    # round trip to write before trying again.
+                    await asyncio.sleep((time.monotonic() - started) * random.uniform(0.5, 1.5))
+            raise StateConflict(
+                f"state {key!r}: gave up after {max_attempts} attempts, "
+                "other writers kept changing it"
+            )
+        except BaseException:
+            # A successful write drops the claim; any other way out must not leave it standing.
+            if claimed:
+                await self._drop_claim(key, token)
+            raise
+
+    async def _drop_claim(self, key: str, token: str) -> None:
+        # Best effort: a claim left behind lapses by itself after _CLAIM_MS.
+        with contextlib.suppress(Exception):
+            await self._release(keys=[key], args=[token])
 
     async def _read(self, key: str, model: type[M]) -> tuple[int, M | None]:
         # Like load, but a missing state without defaults is not an error yet: a mapping
@@ -270,9 +329,7 @@ class StateSlot(Generic[M]):
         return True
 
     async def update(self, change: Change[M]) -> M:
-        self._current = await self.store.update(
-            self.key, self.model, change, current=self._current
-        )
+        self._current = await self.store.update(self.key, self.model, change, current=self._current)
         return self._current.value
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mesh.envelope import CONTENT_TYPE, MessageType
+from mesh.envelope import CONTENT_TYPE, RESERVED_HEADERS, MessageType
 from mesh.gateway.pipeline import Denied, Passage
 
 _TYPES = frozenset(t.value for t in MessageType)
@@ -21,4 +21,7 @@ class Decode:
             raise Denied(self.name, f"content type {incoming.content_type!r} is not {CONTENT_TYPE}")
         if incoming.type is not None and incoming.type not in _TYPES:
             raise Denied(self.name, f"unknown message type {incoming.type!r}")
-        passage.headers = dict(incoming.headers or {})
+        # Headers that only the gateway or the broker may set are dropped, not trusted.
+        passage.headers = {
+            k: v for k, v in (incoming.headers or {}).items() if k not in RESERVED_HEADERS
+        }
