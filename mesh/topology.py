@@ -139,13 +139,18 @@ async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExcha
     dlx = await channel.declare_exchange(
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )
-    gateway = await channel.declare_queue(GATEWAY_QUEUE, durable=True, arguments=_quorum_args())
+    gateway = await declare_gateway_queue(channel)
     await gateway.bind(policy, "#")
     dead = await channel.declare_queue(
         DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
     )
     await dead.bind(dlx, "#")
     return {POLICY_EXCHANGE: policy, TOPIC_EXCHANGE: topic, DEAD_LETTER_EXCHANGE: dlx}
+
+
+async def declare_gateway_queue(channel: AbstractChannel) -> AbstractQueue:
+    """The queue gateway replicas compete on (declared, so a robust channel restores it)."""
+    return await channel.declare_queue(GATEWAY_QUEUE, durable=True, arguments=_quorum_args())
 
 
 def _quorum_args(delivery_limit: int | None = None) -> dict[str, Any]:

@@ -36,7 +36,9 @@ class Relay(Behaviour):
     async def main(self) -> int | None:
         transport = self.agent.transport
         channel = await transport.open_channel(prefetch=self.mailbox_size)
-        queue = await channel.get_queue(topology.GATEWAY_QUEUE, ensure=False)
+        # Declared rather than looked up: only declared queues get their consumer back
+        # when the robust connection recovers.
+        queue = await topology.declare_gateway_queue(channel)
         in_flight: set[asyncio.Task[Any]] = set()
         idle = asyncio.Event()
         idle.set()

@@ -1,0 +1,232 @@
+"""Support for the delivery, gateway and robustness tests.
+
+``Host`` agents run in the test's event loop and report through asyncio queues; ``Peek``
+looks at queues and dead letters on the test's vhost over a plain (not robust) channel;
+``spawn_agent`` runs ``mesh run`` in a subprocess against the test's vhost and namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+
+from mesh import Agent, Behaviour, Settings, topology
+from mesh.devservices import BrokerAdmin
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Host(Agent):
+    """An agent whose behaviours put what they see on ``seen`` and wait on ``release``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: asyncio.Queue[Any] = asyncio.Queue()
+        self.release = asyncio.Event()
+
+
+def subscriber(
+    settings: Settings, *behaviours: type[Behaviour], agent_id: str = "sub",
+    instance: str | None = None,
+) -> Host:
+    """A ``Host`` running ``behaviours``."""
+    cls = type("Subscriber", (Host,), {"behaviours": list(behaviours)})
+    return cls(agent_id, settings=settings, instance=instance)
+
+
+def host(behaviour: Behaviour) -> Host:
+    agent = behaviour.agent
+    assert isinstance(agent, Host), f"{behaviour.name} must run in a Host"
+    return agent
+
+
+async def take(queue: asyncio.Queue[Any], count: int, timeout: float = 15.0) -> list[Any]:
+    """The next ``count`` items of ``queue``; TimeoutError if they do not come in time."""
+    async with asyncio.timeout(timeout):
+        return [await queue.get() for _ in range(count)]
+
+
+def drain(queue: asyncio.Queue[Any]) -> list[Any]:
+    """Everything in ``queue`` right now."""
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+@asynccontextmanager
+async def running(*agents: Agent) -> AsyncIterator[None]:
+    """Start ``agents`` in order; stop them in reverse order afterwards."""
+    async with AsyncExitStack() as stack:
+        for agent in agents:
+            await stack.enter_async_context(agent)
+        yield
+
+
+def vhost_of(settings: Settings) -> str:
+    return unquote(urlsplit(settings.amqp_url).path[1:]) or "/"
+
+
+def user_of(settings: Settings) -> str:
+    return unquote(urlsplit(settings.amqp_url).username or "guest")
+
+
+class Peek:
+    """Looks at the test vhost's queues from its own plain connection."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self.connection = connection
+        self.channel: AbstractChannel | None = None
+
+    async def _channel(self) -> AbstractChannel:
+        if self.channel is None or self.channel.is_closed:
+            self.channel = await self.connection.channel()
+        return self.channel
+
+    async def depth(self, queue: str) -> int:
+        """Messages ready in ``queue`` (a plain channel asks the broker, not a cache)."""
+        declared = await (await self._channel()).declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+
+    async def tap(self, exchange: str, pattern: str) -> AbstractQueue:
+        """A private queue that gets a copy of what ``exchange`` routes with ``pattern``."""
+        queue = await (await self._channel()).declare_queue(exclusive=True)
+        await queue.bind(exchange, pattern)
+        return queue
+
+    async def get(self, queue: AbstractQueue, timeout: float = 15.0) -> AbstractIncomingMessage:
+        """The next message of ``queue`` (polling ``basic.get`` until the deadline)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = await queue.get(no_ack=True, fail=False)
+            if message is not None:
+                return message
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no message in {queue.name} within {timeout}s")
+            await asyncio.sleep(0.02)
+
+    async def dead_letter(
+        self, message_id: str | None = None, timeout: float = 15.0
+    ) -> AbstractIncomingMessage:
+        """The next dead letter; it must be ``message_id``'s when one is given."""
+        queue = await (await self._channel()).get_queue(topology.DEAD_LETTER_QUEUE)
+        dead = await self.get(queue, timeout)
+        assert message_id in (None, dead.message_id), (
+            f"unexpected dead letter {dead.routing_key} {dead.headers}"
+        )
+        return dead
+
+    async def is_empty(self, queue: str) -> bool:
+        return await self.depth(queue) == 0
+
+    async def publish_raw(self, routing_key: str, message: aio_pika.Message) -> None:
+        """Publish ``message`` to ``mesh.policy`` as-is (no mesh client involved)."""
+        exchange = await (await self._channel()).get_exchange(topology.POLICY_EXCHANGE)
+        await exchange.publish(message, routing_key)
+
+
+@asynccontextmanager
+async def peek(settings: Settings) -> AsyncIterator[Peek]:
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        yield Peek(connection)
+
+
+async def queue_counts(admin: BrokerAdmin, settings: Settings, queue: str) -> tuple[int, int]:
+    """``(ready, unacknowledged)`` for ``queue`` as the broker reports them."""
+    out = await admin.ctl(
+        "-q", "list_queues", "-p", vhost_of(settings),
+        "name", "messages_ready", "messages_unacknowledged", "--formatter", "json",
+    )
+    for row in json.loads(out):
+        if row["name"] == queue:
+            return int(row["messages_ready"]), int(row["messages_unacknowledged"])
+    raise AssertionError(f"queue {queue} does not exist")
+
+
+async def consumers(admin: BrokerAdmin, settings: Settings, queue: str) -> int:
+    """How many consumers the broker lists on ``queue``."""
+    out = await admin.ctl(
+        "-q", "list_consumers", "-p", vhost_of(settings), "queue_name", "--formatter", "json"
+    )
+    return sum(1 for row in json.loads(out) if row["queue_name"] == queue)
+
+
+async def counts_are(
+    admin: BrokerAdmin, settings: Settings, queue: str, *, ready: int, unacked: int
+) -> bool:
+    """Whether ``queue`` holds ``ready`` ready and ``unacked`` unacknowledged messages."""
+    return await queue_counts(admin, settings, queue) == (ready, unacked)
+
+
+class AgentProcess:
+    """``python -m mesh.cli run SPEC --id ID`` in a subprocess on the test's vhost."""
+
+    def __init__(self, settings: Settings, spec: str, agent_id: str, log: Path) -> None:
+        self.settings = settings
+        self.args = [sys.executable, "-m", "mesh.cli", "run", spec, "--id", agent_id]
+        self.log_path = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self._log: IO[bytes] | None = None
+
+    async def start(self) -> AgentProcess:
+        env = dict(os.environ)
+        env.update(
+            MESH_AMQP_URL=self.settings.amqp_url,
+            MESH_REDIS_URL=self.settings.redis_url,
+            MESH_NAMESPACE=self.settings.namespace,
+        )
+        self._log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, cwd=REPO, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._log, stderr=asyncio.subprocess.STDOUT,
+        )
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    async def kill(self) -> None:
+        """Kill the process if it still runs (for ``finally`` blocks)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@asynccontextmanager
+async def agent_process(
+    settings: Settings, spec: str, agent_id: str, log: Path
+) -> AsyncIterator[AgentProcess]:
+    """A running agent subprocess, killed on the way out if it is still alive."""
+    process = AgentProcess(settings, spec, agent_id, log)
+    try:
+        yield await process.start()
+    finally:
+        await process.kill()
