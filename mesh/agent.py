@@ -144,6 +144,7 @@ class Agent(Service):
     async def on_start(self) -> None:
         logcontext.agent_id.set(self.id)
         self._leaving = False
+        self.started_at = datetime.now(UTC)
         await self.transport.connect()
         await topology.declare_exchanges(self.transport.channel)
         await self._open_inbox()

@@ -10,8 +10,8 @@ Key layout, with ``R = f"{namespace}:registry"`` and ``M = f"{agent}:{instance}"
 ====================== ====== =========================================================
 key                    type   holds
 ====================== ====== =========================================================
-``R:inst:M``           string ``"<lease ms>:<record JSON>"``; expires ``ttl + retention``
-                              after the last heartbeat
+``R:inst:M``           string ``"<lease ms>:<tag>:<record JSON>"``, the tag a hash of the
+                              JSON; expires ``ttl + retention`` after the last heartbeat
 ``R:idx:M``            string JSON of the indexes the instance is in, so a heartbeat
                               renews them without rewriting the record
 ``R:live``             zset   every ``M``, scored by lease expiry (epoch ms)
@@ -24,31 +24,38 @@ key                    type   holds
                               ``#``), scored by the latest expiry of their instances
 ====================== ====== =========================================================
 
-A query by agent or capability reads that one index and the records it names in a single Lua
-call, which returns them as one JSON array. A query by topic first collects the wildcard
-patterns that could match (those in the buckets of the topic's prefixes: ``""``, ``a``, ``a.b``
-… for ``a.b.c``), keeps those that :func:`mesh.topology.matches`, and then reads the indexes of
-those patterns and of the topic itself (literal bindings need no matching).
+A query by agent or capability is one Lua call that reads that index and, for each live entry,
+the head of its record: the lease (to tell the heartbeat time) and a tag that changes whenever
+the record does. The client parses a record only for a tag it has not seen, fetching those with
+one MGET, and otherwise reuses the record it parsed before (copied with the new heartbeat time
+once that changes).
+
+A query by topic first collects the wildcard patterns that could match: those in the buckets of
+the topic's prefixes (``""``, ``a``, ``a.b`` and ``a.b.c`` for ``a.b.c``). It keeps those that
+:func:`mesh.topology.matches`, then reads the indexes of those patterns and of the topic itself
+(a literal binding matches only itself).
 
 Time is Redis server time (``TIME`` inside the scripts), for writes and reads alike: agents run on
 many hosts whose clocks disagree, and a single clock keeps "alive" the same answer everywhere.
 
 Index entries that lapsed more than ``retention`` ago are pruned by the writers that touch the
 index (``register`` and ``heartbeat``); an index nobody renews expires as a whole. Readers never
-write, so a read-only Redis user (or a replica) can run discovery.
+write (their scripts carry the ``no-writes`` flag), so a read-only Redis user or a replica can
+serve discovery.
 
 The scripts use keys they compute, so the layout needs a single Redis (not a Redis Cluster).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import operator
 import os
 import socket
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -103,7 +110,7 @@ class InstanceRecord(BaseModel):
 
     def receives(self, topic: str) -> list[str]:
         """Names of this instance's behaviours bound to a pattern that matches ``topic``."""
-        return [b.name for b in self.behaviours if any(_matches(p, topic) for p in b.binding_keys)]
+        return [b.name for b in self.behaviours if any(matches(p, topic) for p in b.binding_keys)]
 
 
 class AgentRecord(BaseModel):
@@ -221,17 +228,16 @@ return redis.call('DEL', KEYS[1], KEYS[2])
 )
 
 # KEYS: indexes to union.  ARGV: record key prefix, '1' for live entries only.
-# Returns one JSON array of the records, each with "heartbeat_at" (epoch ms) and "alive" spliced
-# in: one bulk reply is far cheaper for the client to parse than thousands of small ones, and
-# pydantic then validates the whole array in one call.
+# Returns one line per hit, "<member> <tag> <heartbeat ms> <1 if alive else 0>", joined by
+# newlines: GETRANGE reads only the head of each record, and the client parses the full record
+# only when it has not seen that tag (see Registry._fetch).
 _READ = (
     "#!lua flags=no-writes\n"
     + _NOW
     + """
 local low = '-inf'
 if ARGV[2] == '1' then low = '(' .. now end
--- pieces, joined once at the end: building each record's string would copy it twice more
-local out = {'['}
+local out = {}
 local seen = {}
 for _, key in ipairs(KEYS) do
   local hits = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES')
@@ -239,25 +245,17 @@ for _, key in ipairs(KEYS) do
     local member = hits[i]
     if not seen[member] then
       seen[member] = true
-      local value = redis.call('GET', ARGV[1] .. member)
-      if value then
-        local colon = string.find(value, ':', 1, true)
+      local lease, tag = string.match(
+        redis.call('GETRANGE', ARGV[1] .. member, 0, 63), '^(%d+):(%x+):')
+      if lease then
         local exp = tonumber(hits[i + 1])
-        local n = #out
-        if n > 1 then
-          n = n + 1
-          out[n] = ','
-        end
-        out[n + 1] = string.sub(value, colon + 1, -2)
-        out[n + 2] = ',"heartbeat_at":'
-        out[n + 3] = string.format('%.0f', exp - tonumber(string.sub(value, 1, colon - 1)))
-        out[n + 4] = exp > now and ',"alive":true}' or ',"alive":false}'
+        out[#out + 1] = member .. ' ' .. tag .. ' ' .. string.format('%.0f', exp - lease)
+          .. (exp > now and ' 1' or ' 0')
       end
     end
   end
 end
-out[#out + 1] = ']'
-return table.concat(out)
+return table.concat(out, '\\n')
 """
 )
 
@@ -282,10 +280,7 @@ return table.concat(out, '\\n')
 _RECORDS: TypeAdapter[list[InstanceRecord]] = TypeAdapter(list[InstanceRecord])
 
 
-@lru_cache(maxsize=65536)
-def _matches(pattern: str, topic: str) -> bool:
-    # Discovery asks about the same topics over and over.
-    return matches(pattern, topic)
+_by_name = operator.attrgetter("agent", "instance")
 
 
 def _text(value: bytes | str) -> str:
@@ -310,7 +305,9 @@ class Registry:
 
     ``ttl`` is the lease a registration or heartbeat grants, in seconds; ``retention`` is how
     long a lapsed record is kept so that ``alive=False`` queries can still show it (default
-    three leases).
+    three leases). Parsed records are kept, up to ``cache_size``, so that discovery parses a
+    record only when it changes; the records returned are shared with that cache, so treat
+    them as read-only (the models are frozen, but their lists and dicts are not).
     """
 
     def __init__(
@@ -320,6 +317,7 @@ class Registry:
         ttl: float,
         *,
         retention: float | None = None,
+        cache_size: int = 10_000,
     ) -> None:
         if ttl <= 0:
             raise ValueError(f"registry ttl must be positive, got {ttl}")
@@ -335,6 +333,9 @@ class Registry:
         self._deregister = redis.register_script(_DEREGISTER)
         self._read = redis.register_script(_READ)
         self._read_wild = redis.register_script(_WILD)
+        self.cache_size = cache_size
+        self._parsed: dict[str, InstanceRecord] = {}  # by tag
+        self._answers: dict[str, InstanceRecord] = {}  # by line of the read script
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -383,9 +384,10 @@ class Registry:
         ]
         idx = json.dumps({"l": self._lease_ms, "k": keys, "w": wild})
         body = record.model_dump_json(exclude={"heartbeat_at", "alive"})
+        tag = hashlib.blake2b(body.encode(), digest_size=8).hexdigest()
         await self._register(
             keys=[self._record_key(member), self._idx_key(member)],
-            args=[f"{self._lease_ms}:{body}", member, self._keep_ms, idx],
+            args=[f"{self._lease_ms}:{tag}:{body}", member, self._keep_ms, idx],
         )
         logger.debug("registered %s", member)
 
@@ -425,20 +427,17 @@ class Registry:
         """
         if topic is not None and _is_wild(topic):
             raise TopicError(f"discovery takes a topic, not a pattern: {topic!r}")
+        if agent is None and capability is None and topic is not None:
+            found, _ = await self._by_topic(topic, alive)
+            return found
         # Read the most selective index; the other filters are checked on the records.
         if agent is not None:
-            keys = [self._agent_key(check_name("agent", agent))]
+            key = self._agent_key(check_name("agent", agent))
         elif capability is not None:
-            keys = [self._cap_key(capability)]
-        elif topic is not None:
-            keys = await self._topic_keys(topic, alive)
+            key = self._cap_key(capability)
         else:
-            keys = [f"{self.prefix}:live"]
-        reply = await self._read(keys=keys, args=[f"{self.prefix}:inst:", "1" if alive else "0"])
-        found = _RECORDS.validate_json(reply)
-        found.sort(key=lambda r: (r.agent, r.instance))
-        if agent is None and capability is None and topic is None:
-            return found
+            key = f"{self.prefix}:live"
+        found = await self._fetch([key], alive)
         return [
             r
             for r in found
@@ -469,18 +468,69 @@ class Registry:
         Judged on binding keys alone, as the broker routes: a stopped behaviour whose queue is
         still bound is listed (its messages wait in the queue).
         """
-        found = await self.instances(topic=topic)
-        return sorted({(r.agent, name) for r in found for name in r.receives(topic)})
+        if _is_wild(topic):
+            raise TopicError(f"discovery takes a topic, not a pattern: {topic!r}")
+        found, matched = await self._by_topic(topic, True)
+        return sorted(
+            {
+                (r.agent, b.name)
+                for r in found
+                for b in r.behaviours
+                if not matched.isdisjoint(b.binding_keys)
+            }
+        )
 
-    async def _topic_keys(self, topic: str, alive: bool) -> list[str]:
+    async def _by_topic(self, topic: str, alive: bool) -> tuple[list[InstanceRecord], set[str]]:
+        """Instances bound to ``topic``, and the binding patterns in the mesh that match it."""
         # A wildcard pattern can match only a topic that starts with its literal prefix, so
         # the candidates are the buckets of the topic's prefixes, not every pattern there is.
         words = topic.split(".")
         buckets = [self._bucket_key(".".join(words[:n])) for n in range(len(words) + 1)]
         joined = _text(await self._read_wild(keys=buckets, args=["1" if alive else "0"]))
-        keys = [self._pattern_key(topic)]
-        keys += [self._pattern_key(p) for p in joined.split("\n") if p and _matches(p, topic)]
-        return keys
+        matched = {topic} | {p for p in joined.split("\n") if p and matches(p, topic)}
+        # The indexes hold exactly the instances bound with each pattern: no need to check.
+        found = await self._fetch([self._pattern_key(p) for p in matched], alive)
+        return found, matched
+
+    async def _fetch(self, keys: list[str], alive: bool) -> list[InstanceRecord]:
+        # The script answers one line per hit: member, tag (a hash of the stored record),
+        # heartbeat time and liveness. A record is read in full and parsed only for a tag not
+        # seen before (it changes only when the instance registers again), and the answer for
+        # a line is reused until the instance's next heartbeat changes the line. So a query
+        # mostly costs one small reply and a dictionary lookup per hit.
+        reply = await self._read(keys=keys, args=[f"{self.prefix}:inst:", "1" if alive else "0"])
+        lines = [line for line in _text(reply).split("\n") if line]
+        # Starting afresh is simpler than LRU, and refilling costs one query's parsing. The
+        # caches are replaced, not cleared, so a query awaiting its MGET keeps the ones it saw.
+        if len(self._answers) >= self.cache_size:
+            self._answers = {}
+        if len(self._parsed) >= self.cache_size:
+            self._parsed = {}
+        answers, parsed = self._answers, self._parsed
+        new = [(line, line.split(" ")) for line in lines if line not in answers]
+        missing = [member for _, (member, tag, _, _) in new if tag not in parsed]
+        fresh = await self._load(missing) if missing else {}
+        for line, (member, tag, beat, live) in new:
+            base = fresh.get(member) or parsed.get(tag)
+            if base is not None:  # else deregistered between the two reads
+                heartbeat = datetime.fromtimestamp(int(beat) / 1000, UTC)
+                update = {"heartbeat_at": heartbeat, "alive": live == "1"}
+                answers[line] = base.model_copy(update=update)
+        found = [answers[line] for line in lines if line in answers]
+        found.sort(key=_by_name)
+        return found
+
+    async def _load(self, members: list[str]) -> dict[str, InstanceRecord]:
+        values = await self.redis.mget([self._record_key(m) for m in members])
+        tags, bodies = [], []
+        for value in values:
+            if value is not None:
+                _, tag, body = _text(value).split(":", 2)
+                tags.append(tag)
+                bodies.append(body)
+        records = _RECORDS.validate_json(f"[{','.join(bodies)}]")
+        self._parsed.update(zip(tags, records, strict=True))
+        return {self._member(r.agent, r.instance): r for r in records}
 
 
 def _group(records: Iterable[InstanceRecord]) -> list[AgentRecord]:
