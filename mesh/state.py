@@ -108,7 +108,7 @@ return 1
 """
 
 _CLAIM_AFTER = 2
-"""Lost attempts after which a writer claims priority on the key."""
+"""A writer that loses this many attempts in a row claims priority on the key."""
 
 _CLAIM_MS = 200
 """How long a claim holds if its writer never writes (it crashed or gave up)."""
