@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
-from mesh import Behaviour
+from mesh.behaviour import Behaviour
 
 StateHandler = Callable[[], Awaitable[str | None]]
 

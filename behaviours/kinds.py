@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import ClassVar
 
-from mesh import Behaviour
+from mesh.behaviour import Behaviour
 
 
 class CyclicBehaviour(Behaviour):

@@ -114,6 +114,7 @@ class Agent(Service):
         )
         self._membership_tasks: set[asyncio.Task[None]] = set()
         self._leaving = False
+        self._stopping_task: asyncio.Task[None] | None = None
         self.behaviour_map: dict[str, Behaviour] = {}
         self._pending: dict[str, asyncio.Future[Message]] = {}
         self._collectors: dict[str, asyncio.Queue[Message]] = {}
@@ -182,7 +183,9 @@ class Agent(Service):
         logger.info("agent %s/%s stopped", self.id, self.instance)
 
     async def _open_inbox(self) -> None:
-        self._inbox_channel = await self.transport.open_channel(prefetch=self.settings.prefetch)
+        self._inbox_channel = await self.transport.open_channel(
+            prefetch=self.settings.prefetch, confirms=False
+        )
         keys = [self.reply_to, topology.error_key(self.id, self.instance)]
         if self.controllable:
             keys += [
@@ -351,6 +354,13 @@ class Agent(Service):
         if not request.reply_to or not request.correlation_id:
             logger.warning("request %s has no reply route; result dropped", request.message_id)
             return
+        if not request.reply_to.startswith("_reply."):
+            logger.warning(
+                "request %s names %r as reply route; result dropped",
+                request.message_id,
+                request.reply_to,
+            )
+            return
         message = Message(
             topic=request.reply_to,
             payload=result,
@@ -467,6 +477,8 @@ class Agent(Service):
         )
 
     async def _on_control(self, message: Message) -> None:
+        if self._leaving:
+            return  # a stopping instance is no longer part of the mesh; silence says so
         command = message.topic.rsplit(".", 1)[-1]
         args = message.payload if isinstance(message.payload, dict) else {}
         try:
@@ -478,7 +490,7 @@ class Agent(Service):
             return
         await self.reply(message, result)
         if command == "shutdown":
-            asyncio.get_running_loop().create_task(self._stop_process())
+            self._stopping_task = asyncio.get_running_loop().create_task(self._stop_process())
 
     async def _control_command(self, command: str, args: dict[str, Any]) -> Any:
         if command == "ping":

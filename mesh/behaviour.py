@@ -24,7 +24,7 @@ from mesh import logcontext, topology
 from mesh.config import Settings
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
-from mesh.transport import Transport
+from mesh.transport import PublishError, Transport, is_stale, settle
 
 if TYPE_CHECKING:
     from mesh.deadletter import DeadLetters
@@ -183,6 +183,7 @@ class Behaviour:
         self._operations = {r.spec.operation: r for r in self.routes if r.spec.operation}
         self._task: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
+        self._lifecycle = asyncio.Lock()
         self._stop_code = 0
         self._consumer: _Consumer | None = None
         store = agent.state_store
@@ -270,8 +271,12 @@ class Behaviour:
 
     async def start(self) -> None:
         """Start the behaviour (again, if it ended before)."""
-        if self._task is not None and not self._task.done():
-            return
+        async with self._lifecycle:
+            if self._task is not None and not self._task.done():
+                return
+            await self._start()
+
+    async def _start(self) -> None:
         self.exit_code = None
         self._stop_code = 0
         self._finished.clear()
@@ -293,13 +298,19 @@ class Behaviour:
         task = self._task
         if task is None or task.done():
             return self.exit_code
-        self._stop_code = exit_code
-        task.cancel()
         if asyncio.current_task() is task or (
             self._consumer is not None and self._consumer.owns_current_task()
         ):
+            self.kill(exit_code)
             return None  # stopping from inside: the rest happens when this task returns
-        await self._finished.wait()
+        async with self._lifecycle:
+            self._stop_code = exit_code
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if not self._finished.is_set():
+                # Cancelled before its first step, so _run never got to clean up.
+                self.exit_code = exit_code
+                await self._finish(BehaviourStatus.STOPPED)
         return self.exit_code
 
     async def wait(self) -> int | None:
@@ -319,6 +330,9 @@ class Behaviour:
             logger.exception("behaviour %s failed", self.name)
             status = BehaviourStatus.FAILED
             self.exit_code = 1
+        await self._finish(status)
+
+    async def _finish(self, status: BehaviourStatus) -> None:
         try:
             if self._consumer is not None:
                 await self._consumer.stop()
@@ -372,7 +386,7 @@ class _Consumer:
     async def start(self) -> None:
         b = self.behaviour
         transport = b.agent.transport
-        self.channel = await transport.open_channel(prefetch=b.mailbox_size)
+        self.channel = await transport.open_channel(prefetch=b.mailbox_size, confirms=False)
         if b.broadcast:
             self.queue = await topology.declare_private_queue(
                 self.channel, b.queue_name, b.binding_keys
@@ -391,25 +405,20 @@ class _Consumer:
         self.consumer_tag = await self.queue.consume(self._deliver)
 
     async def _deliver(self, incoming: AbstractIncomingMessage) -> None:
-        if self.stopping:
-            # Delivered after stop began (it was already on the wire): hand it back.
-            await _settle(incoming.nack(requeue=True))
-            return
         self.mailbox.put_nowait(incoming)
 
     async def stop(self) -> None:
         """Stop taking messages, requeue those not started, let in-flight ones finish."""
         b = self.behaviour
-        self.stopping = True
-        # Taken out in one go, before any await, so no worker starts one of them.
-        unstarted = [self.mailbox.get_nowait() for _ in range(self.mailbox.qsize())]
-        for incoming in unstarted:
-            await _settle(incoming.nack(requeue=True))
         if self.queue is not None and self.consumer_tag is not None:
             try:
                 await self.queue.cancel(self.consumer_tag)
             except Exception as exc:  # the broker will requeue on channel close anyway
                 logger.debug("cancel consumer of %s: %r", b.queue_name, exc)
+        # Only now: a message handed back while the consumer was active would come
+        # straight back to it, each round counting as a delivery.
+        self.stopping = True
+        await self._hand_back()
         try:
             await asyncio.wait_for(self.idle.wait(), b.agent.settings.shutdown_timeout)
         except TimeoutError:
@@ -422,25 +431,38 @@ class _Consumer:
             worker.cancel()
         await asyncio.gather(*self.workers, return_exceptions=True)
         self.workers = []
+        await self._hand_back()  # deliveries that were still on their way at cancel
         if self.channel is not None:
-            await _settle(self.channel.close())
+            await settle(self.channel.close())
+
+    async def _hand_back(self) -> None:
+        """Return every message not started to the queue (a plain nack, not a failure)."""
+        # Taken out in one go, before any await, so no worker starts one of them.
+        unstarted = [self.mailbox.get_nowait() for _ in range(self.mailbox.qsize())]
+        for incoming in unstarted:
+            await settle(incoming.nack(requeue=True))
 
     async def _work(self) -> None:
         while True:
             incoming = await self.mailbox.get()
+            if self.stopping or is_stale(incoming):
+                # Stopping: hand it back.  Closed channel: the broker already requeued it,
+                # and handling it now would handle it twice.
+                await settle(incoming.nack(requeue=True))
+                continue
             self.busy += 1
             self.idle.clear()
             try:
                 await self._handle(incoming)
             except asyncio.CancelledError:
-                await _settle(incoming.nack(requeue=True))
+                await settle(incoming.nack(requeue=True))
                 raise
             except Exception:
                 # Dead-lettering or replying failed (broker trouble): let it come back.
                 logger.exception(
                     "%s: could not settle a message; requeueing it", self.behaviour.name
                 )
-                await _settle(incoming.nack(requeue=True))
+                await settle(incoming.nack(requeue=True))
             finally:
                 self.busy -= 1
                 if self.busy == 0:
@@ -452,7 +474,7 @@ class _Consumer:
             message = from_amqp(incoming)
         except EnvelopeError as exc:
             await b.agent.dead_letters.send(incoming, f"malformed message: {exc}", b.queue_name)
-            await _settle(incoming.ack())
+            await settle(incoming.ack())
             return
         with logcontext.handling(message.message_id):
             await self._dispatch(incoming, message)
@@ -485,7 +507,12 @@ class _Consumer:
             except EnvelopeError as exc:
                 await self._failed(incoming, message, route, exc)
                 return
-        await _settle(incoming.ack())
+            except PublishError as exc:
+                # The handler ran; running it again for a lost reply would repeat its effects.
+                logger.error(
+                    "%s.%s: reply to %s lost: %s", b.name, route.name, message.reply_to, exc
+                )
+        await settle(incoming.ack())
 
     async def _reject(
         self, incoming: AbstractIncomingMessage, message: Message, reason: str
@@ -496,7 +523,7 @@ class _Consumer:
         if message.type is MessageType.REQUEST:
             await b.agent.reply(message, {"error": reason, "type": "InvalidRequest"}, error=True)
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
-        await _settle(incoming.ack())
+        await settle(incoming.ack())
 
     async def _failed(
         self, incoming: AbstractIncomingMessage, message: Message, route: Route, exc: Exception
@@ -507,7 +534,7 @@ class _Consumer:
             # The caller is waiting: answer now rather than retrying behind its back.
             logger.warning("%s.%s failed: %s", b.name, route.name, summary)
             await b.agent.reply(message, {"error": summary, "type": type(exc).__name__}, error=True)
-            await _settle(incoming.ack())
+            await settle(incoming.ack())
             return
         attempt = message.delivery_count + 1
         if attempt < b.delivery_limit:
@@ -519,7 +546,8 @@ class _Consumer:
                 b.delivery_limit,
                 summary,
             )
-            await _settle(incoming.nack(requeue=True))
+            # reject, not nack: RabbitMQ 4 counts only rejects towards the delivery limit.
+            await settle(incoming.reject(requeue=True))
             return
         frames = traceback.extract_tb(exc.__traceback__)[-3:]
         where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in frames)
@@ -528,18 +556,10 @@ class _Consumer:
         )
         logger.error("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
-        await _settle(incoming.ack())
+        await settle(incoming.ack())
 
 
 def _errors(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
     )
-
-
-async def _settle(operation: Awaitable[Any]) -> None:
-    """Ack/nack/close that may fail when the channel died; the broker then redelivers."""
-    try:
-        await operation
-    except Exception as exc:
-        logger.debug("could not settle message (%r); the broker will redeliver it", exc)

@@ -28,10 +28,21 @@ class DeadLetters:
         self.transport = transport
         self.agent = agent
 
-    async def send(self, incoming: AbstractIncomingMessage, reason: str, queue: str) -> None:
-        """Publish the dead letter and wait for the broker's confirm."""
-        headers: dict[str, Any] = dict(incoming.headers or {})
-        if incoming.user_id and H_USER not in headers:
+    async def send(
+        self,
+        incoming: AbstractIncomingMessage,
+        reason: str,
+        queue: str,
+        *,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish the dead letter and wait for the broker's confirm.
+
+        ``headers`` replaces the original's headers, for a caller that must not keep
+        some of them (the gateway, whose input is unchecked).
+        """
+        headers = dict(incoming.headers or {}) if headers is None else dict(headers)
+        if incoming.user_id:
             headers[H_USER] = incoming.user_id
         headers[H_REASON] = reason[:MAX_REASON]
         headers[H_QUEUE] = queue

@@ -39,9 +39,11 @@ class Membership:
         self.announce = announce
         self.interval = interval
         self.registered = False
+        self.left = False
         self._outage = False
 
     async def join(self) -> None:
+        self.left = False
         await self._register("join")
 
     async def changed(self, behaviour: str) -> None:
@@ -49,6 +51,7 @@ class Membership:
         await self._register("behaviour", behaviour=behaviour)
 
     async def leave(self) -> None:
+        self.left = True  # a heartbeat still in flight must not register us again
         record = self.describe()
         try:
             await self.registry.deregister(record.agent, record.instance)
@@ -66,13 +69,15 @@ class Membership:
             await self.beat()
 
     async def beat(self) -> None:
+        if self.left:
+            return
         record = self.describe()
         try:
             alive = self.registered and await self.registry.heartbeat(record.agent, record.instance)
         except REDIS_DOWN as exc:
             self._down(exc)
             return
-        if not alive:
+        if not alive and not self.left:
             await self._register("join")
         elif self._outage:
             self._outage = False

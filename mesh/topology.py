@@ -6,7 +6,9 @@ goes through this module.
 
 from __future__ import annotations
 
+import operator
 import re
+from itertools import accumulate
 from typing import Any
 
 import aio_pika
@@ -77,16 +79,15 @@ def matches(pattern: str, topic: str) -> bool:
 
 
 def _words_match(pattern: list[str], words: list[str]) -> bool:
-    if not pattern:
-        return not words
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_words_match(rest, words[i:]) for i in range(len(words) + 1))
-    if not words:
-        return False
-    if head in ("*", words[0]):
-        return _words_match(rest, words[1:])
-    return False
+    # reach[j]: the pattern words seen so far can match the first j topic words.
+    # One pass per pattern word keeps this linear in each, however many '#' there are.
+    reach = [True] + [False] * len(words)
+    for word in pattern:
+        if word == "#":
+            reach = list(accumulate(reach, operator.or_))
+        else:
+            reach = [False] + [reach[j] and word in ("*", words[j]) for j in range(len(words))]
+    return reach[-1]
 
 
 def behaviour_queue(agent: str, behaviour: str) -> str:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import (
     AbstractExchange,
+    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
@@ -26,7 +29,26 @@ logger = logging.getLogger(__name__)
 
 # Failures after which the message may not have reached the broker but the connection
 # will come back: wait for the robust connection, then publish again.
-_RETRYABLE = (AMQPConnectionError, ChannelInvalidStateError, ChannelClosed, ConnectionError)
+_RETRYABLE = (AMQPConnectionError, ChannelInvalidStateError, ConnectionError)
+
+
+async def settle(operation: Awaitable[Any]) -> None:
+    """Run an ack, nack, reject or close that may fail because the channel died.
+
+    When it does, the broker has already returned the message to its queue.
+    """
+    try:
+        await operation
+    except Exception as exc:
+        logger.debug("could not settle message (%r); the broker will redeliver it", exc)
+
+
+def is_stale(incoming: AbstractIncomingMessage) -> bool:
+    """Whether ``incoming`` came on a channel that has since closed (so it was requeued)."""
+    try:
+        return incoming.channel.is_closed
+    except ChannelInvalidStateError:
+        return True
 
 
 class PublishError(RuntimeError):
@@ -74,8 +96,10 @@ class Transport:
         )
         self._channel = await self.open_channel()
 
-    async def open_channel(self, prefetch: int | None = None) -> AbstractRobustChannel:
-        channel = await self.connection.channel(publisher_confirms=True)
+    async def open_channel(
+        self, prefetch: int | None = None, *, confirms: bool = True
+    ) -> AbstractRobustChannel:
+        channel = await self.connection.channel(publisher_confirms=confirms)
         if prefetch is not None:
             await channel.set_qos(prefetch_count=prefetch)
         return channel
@@ -112,8 +136,11 @@ class Transport:
                 result = await target.publish(
                     message, routing_key, mandatory=mandatory, timeout=remaining
                 )
-            except DeliveryError as exc:
-                raise PublishError(f"broker refused message to {exchange}/{routing_key}") from exc
+            except (DeliveryError, ChannelClosed) as exc:
+                # A refusal (no permission, no such exchange …) will not change on retry.
+                raise PublishError(
+                    f"broker refused message to {exchange}/{routing_key}: {exc}"
+                ) from exc
             except TimeoutError:
                 raise PublishError(
                     f"no confirm for message to {exchange}/{routing_key} "

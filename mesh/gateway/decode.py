@@ -1,27 +1,63 @@
-"""Decode stage: the properties every mesh message must carry."""
+"""Decode stage: the properties every mesh message must carry, consistent with its route."""
 
 from __future__ import annotations
 
-from mesh.envelope import CONTENT_TYPE, RESERVED_HEADERS, MessageType
+from mesh.envelope import CONTENT_TYPE, H_INSTANCE, H_TOPIC, RESERVED_HEADERS, MessageType
 from mesh.gateway.pipeline import Denied, Passage
 
 _TYPES = frozenset(t.value for t in MessageType)
 
+# The message type each reserved routing-key prefix carries; user topics carry events.
+_ROUTE_TYPES: dict[str, frozenset[str]] = {
+    "_req": frozenset({MessageType.REQUEST}),
+    "_reply": frozenset({MessageType.REPLY, MessageType.ERROR}),
+    "_err": frozenset({MessageType.ERROR}),
+    "_ctl": frozenset({MessageType.CONTROL}),
+    "_registry": frozenset({MessageType.EVENT}),
+}
+_EVENT = frozenset({MessageType.EVENT})
+
 
 class Decode:
-    """Refuses messages that are not mesh envelopes (the body is checked by later stages)."""
+    """Refuses messages that are not mesh envelopes or whose type does not fit their route.
+
+    Receivers dispatch on the routing key and type; checking them together here means a
+    sender cannot dress a control command up as a reply, or a request for one operation
+    as another.  The body is left to later stages.
+    """
 
     name = "decode"
 
     async def __call__(self, passage: Passage) -> None:
         incoming = passage.incoming
+        key = passage.routing_key
         if not incoming.message_id:
             raise Denied(self.name, "message has no message_id")
+        if not incoming.app_id:
+            raise Denied(self.name, "message has no app_id (the sending agent)")
         if incoming.content_type not in (None, CONTENT_TYPE):
             raise Denied(self.name, f"content type {incoming.content_type!r} is not {CONTENT_TYPE}")
-        if incoming.type is not None and incoming.type not in _TYPES:
-            raise Denied(self.name, f"unknown message type {incoming.type!r}")
-        # Headers that only the gateway or the broker may set are dropped, not trusted.
-        passage.headers = {
-            k: v for k, v in (incoming.headers or {}).items() if k not in RESERVED_HEADERS
-        }
+        kind = incoming.type or MessageType.EVENT
+        if kind not in _TYPES:
+            raise Denied(self.name, f"unknown message type {kind!r}")
+        words = key.split(".")
+        allowed = _ROUTE_TYPES.get(words[0]) if key.startswith("_") else _EVENT
+        if allowed is None:
+            raise Denied(self.name, f"routing key {key!r} uses a reserved prefix")
+        if kind not in allowed:
+            raise Denied(self.name, f"a {kind} message cannot be sent to {key!r}")
+        if key.startswith("_") and len(words) != 3 and not key.startswith("_registry."):
+            raise Denied(self.name, f"routing key {key!r} must have three words")
+        headers = incoming.headers or {}
+        if incoming.reply_to is not None:
+            instance = headers.get(H_INSTANCE)
+            own = f"_reply.{incoming.app_id}.{instance if isinstance(instance, str) else ''}"
+            if incoming.reply_to != own:
+                raise Denied(
+                    self.name,
+                    f"reply_to {incoming.reply_to!r} is not the sender's own reply route {own!r}",
+                )
+        # Headers only the gateway or the broker may set are dropped, not trusted; the
+        # topic receivers see is the key the message was routed by.
+        passage.headers = {k: v for k, v in headers.items() if k not in RESERVED_HEADERS}
+        passage.headers[H_TOPIC] = key

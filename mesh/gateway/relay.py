@@ -11,9 +11,18 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from mesh import topology
 from mesh.behaviour import Behaviour
-from mesh.envelope import CONTENT_TYPE, H_INSTANCE, H_REASON, MessageType, encode_body
+from mesh.envelope import (
+    CONTENT_TYPE,
+    H_INSTANCE,
+    H_REASON,
+    H_USER,
+    RESERVED_HEADERS,
+    MessageType,
+    encode_body,
+)
 from mesh.gateway.pipeline import Denied, Passage, Pipeline
-from mesh.transport import PublishError, Unroutable
+from mesh.topology import TopicError
+from mesh.transport import PublishError, Unroutable, is_stale, settle
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +44,7 @@ class Relay(Behaviour):
 
     async def main(self) -> int | None:
         transport = self.agent.transport
-        channel = await transport.open_channel(prefetch=self.mailbox_size)
+        channel = await transport.open_channel(prefetch=self.mailbox_size, confirms=False)
         # Declared rather than looked up: only declared queues get their consumer back
         # when the robust connection recovers.
         queue = await topology.declare_gateway_queue(channel)
@@ -50,6 +59,11 @@ class Relay(Behaviour):
             idle.clear()
             try:
                 await self.relay(incoming)
+            except Exception:
+                # Whatever went wrong, the message must not hold a prefetch slot forever
+                # nor poison the next replica: mesh.gateway dead-letters a rejected message.
+                logger.exception("relay of %s failed; dead-lettering it", incoming.message_id)
+                await settle(incoming.reject(requeue=False))
             finally:
                 in_flight.discard(task)
                 if not in_flight:
@@ -71,6 +85,8 @@ class Relay(Behaviour):
         await channel.close()
 
     async def relay(self, incoming: AbstractIncomingMessage) -> None:
+        if is_stale(incoming):
+            return  # the broker requeued it with its channel; relaying it now would duplicate it
         passage = Passage(incoming=incoming, routing_key=incoming.routing_key or "")
         try:
             await self.pipeline.run(passage)
@@ -134,8 +150,15 @@ class Relay(Behaviour):
                 "message_id": incoming.message_id,
             },
         )
+        # The copy keeps only headers a sender may set, and the user RabbitMQ verified.
+        headers = {k: v for k, v in (incoming.headers or {}).items() if k not in RESERVED_HEADERS}
+        if incoming.user_id:
+            headers[H_USER] = incoming.user_id
         await self.agent.dead_letters.send(
-            incoming, f"denied by gateway {denied.stage}: {denied.reason}", topology.GATEWAY_QUEUE
+            incoming,
+            f"denied by gateway {denied.stage}: {denied.reason}",
+            topology.GATEWAY_QUEUE,
+            headers=headers,
         )
         await incoming.ack()
 
@@ -143,13 +166,17 @@ class Relay(Behaviour):
         """Tell the sender: on its reply route for a request, else on its error route."""
         incoming = passage.incoming
         headers: dict[str, Any] = {H_REASON: str(body.get("error", ""))}
-        if incoming.type == MessageType.REQUEST and incoming.reply_to:
-            key = incoming.reply_to
+        instance = (incoming.headers or {}).get(H_INSTANCE)
+        try:
+            # Built from the sender's identity, never from a route it supplied.
+            agent = topology.check_name("agent id", incoming.app_id or "")
+            instance = topology.check_name("instance id", str(instance or ""))
+        except TopicError:
+            return
+        if incoming.type == MessageType.REQUEST:
+            key = topology.reply_key(agent, instance)
         else:
-            instance = (incoming.headers or {}).get(H_INSTANCE)
-            if not incoming.app_id or not isinstance(instance, str):
-                return
-            key = topology.error_key(incoming.app_id, instance)
+            key = topology.error_key(agent, instance)
         notice = aio_pika.Message(
             encode_body(body),
             headers=headers,
