@@ -65,6 +65,9 @@ class RPCBehaviour(Behaviour):
         self.routes = collect_routes(agent)
         self._operations = {r.spec.operation: r for r in self.routes if r.spec.operation}
 
+    async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        return await topology.declare_request_queue(channel, self.queue_name, self.binding_keys)
+
 
 class Agent(Service):
     """An agent instance: behaviours, a connection, an inbox for replies and control.

@@ -225,6 +225,14 @@ class Behaviour:
     async def teardown(self) -> None:
         """Called after the behaviour ended, whatever the reason."""
 
+    async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        """Declare the queue the handlers consume, bound to ``binding_keys``."""
+        if self.broadcast:
+            return await topology.declare_private_queue(channel, self.queue_name, self.binding_keys)
+        return await topology.declare_shared_queue(
+            channel, self.queue_name, self.binding_keys, self.delivery_limit
+        )
+
     # --- what behaviours call -----------------------------------------------------
 
     async def publish(
@@ -387,14 +395,7 @@ class _Consumer:
         b = self.behaviour
         transport = b.agent.transport
         self.channel = await transport.open_channel(prefetch=b.mailbox_size, confirms=False)
-        if b.broadcast:
-            self.queue = await topology.declare_private_queue(
-                self.channel, b.queue_name, b.binding_keys
-            )
-        else:
-            self.queue = await topology.declare_shared_queue(
-                self.channel, b.queue_name, b.binding_keys, b.delivery_limit
-            )
+        self.queue = await b.declare_queue(self.channel)
         loop = asyncio.get_running_loop()
         self.workers = [
             loop.create_task(

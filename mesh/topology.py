@@ -181,6 +181,26 @@ async def declare_shared_queue(
     return queue
 
 
+async def declare_request_queue(
+    channel: AbstractChannel, name: str, patterns: list[str]
+) -> AbstractQueue:
+    """Declare the classic queue an agent's replicas share for its ``@rpc`` operations.
+
+    Requests are short-lived: each expires with its caller's timeout, and a failing
+    handler answers instead of being retried.  Keeping them in a replicated log would buy
+    nothing after a broker crash (the caller has given up by then) and costs a Raft commit
+    on the round trip.
+    """
+    queue = await channel.declare_queue(
+        name,
+        durable=True,
+        arguments={"x-queue-type": "classic", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+    )
+    for pattern in patterns:
+        await queue.bind(TOPIC_EXCHANGE, pattern)
+    return queue
+
+
 async def declare_private_queue(
     channel: AbstractChannel, name: str, patterns: list[str]
 ) -> AbstractQueue:
