@@ -7,7 +7,7 @@ from mesh.config import ConfigError, Settings
 from mesh.envelope import EnvelopeError, Message, MessageType
 from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord
 from mesh.state import InvalidState, StateConflict, StateError, StateUnavailable
-from mesh.topology import TopicError
+from mesh.topology import TopicError, TopologyError
 from mesh.transport import PublishError
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "StateError",
     "StateUnavailable",
     "TopicError",
+    "TopologyError",
     "on",
     "rpc",
 ]

@@ -13,6 +13,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.exceptions import ChannelPreconditionFailed
 
 POLICY_EXCHANGE = "mesh.policy"
 TOPIC_EXCHANGE = "mesh.topic"
@@ -30,6 +31,21 @@ _PATTERN_WORD = re.compile(r"^(?:[A-Za-z0-9_-]+|\*|#)$")
 
 class TopicError(ValueError):
     """A topic, binding pattern or name does not follow the mesh's rules."""
+
+
+class TopologyError(RuntimeError):
+    """The broker holds a mesh object declared differently (by an older version, say)."""
+
+
+async def _declare_queue(channel: AbstractChannel, name: str, **kwargs: Any) -> AbstractQueue:
+    try:
+        return await channel.declare_queue(name, **kwargs)
+    except ChannelPreconditionFailed as exc:
+        raise TopologyError(
+            f"queue {name!r} already exists with other arguments than {kwargs.get('arguments')} "
+            f"({exc}); it was declared by another version or configuration: drain and delete "
+            f"it (rabbitmqctl delete_queue {name}) so it can be declared again"
+        ) from None
 
 
 def check_name(kind: str, name: str) -> str:
@@ -142,8 +158,8 @@ async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExcha
     )
     gateway = await declare_gateway_queue(channel)
     await gateway.bind(policy, "#")
-    dead = await channel.declare_queue(
-        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    dead = await _declare_queue(
+        channel, DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
     )
     await dead.bind(dlx, "#")
     return {POLICY_EXCHANGE: policy, TOPIC_EXCHANGE: topic, DEAD_LETTER_EXCHANGE: dlx}
@@ -151,7 +167,7 @@ async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExcha
 
 async def declare_gateway_queue(channel: AbstractChannel) -> AbstractQueue:
     """The queue gateway replicas compete on (declared, so a robust channel restores it)."""
-    return await channel.declare_queue(GATEWAY_QUEUE, durable=True, arguments=_quorum_args())
+    return await _declare_queue(channel, GATEWAY_QUEUE, durable=True, arguments=_quorum_args())
 
 
 def _quorum_args(delivery_limit: int | None = None) -> dict[str, Any]:
@@ -173,8 +189,8 @@ async def declare_shared_queue(
     dead-letters with a reason at ``max_deliveries``; the broker's limit only catches a
     message that keeps killing its consumer before it can be handled.
     """
-    queue = await channel.declare_queue(
-        name, durable=True, arguments=_quorum_args(delivery_limit=max_deliveries + 1)
+    queue = await _declare_queue(
+        channel, name, durable=True, arguments=_quorum_args(delivery_limit=max_deliveries + 1)
     )
     for pattern in patterns:
         await queue.bind(TOPIC_EXCHANGE, pattern)
@@ -191,7 +207,8 @@ async def declare_request_queue(
     nothing after a broker crash (the caller has given up by then) and costs a Raft commit
     on the round trip.
     """
-    queue = await channel.declare_queue(
+    queue = await _declare_queue(
+        channel,
         name,
         durable=True,
         arguments={"x-queue-type": "classic", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
@@ -205,7 +222,8 @@ async def declare_private_queue(
     channel: AbstractChannel, name: str, patterns: list[str]
 ) -> AbstractQueue:
     """Declare an instance's exclusive, auto-delete queue bound to ``mesh.topic``."""
-    queue = await channel.declare_queue(
+    queue = await _declare_queue(
+        channel,
         name,
         exclusive=True,
         auto_delete=True,

@@ -10,7 +10,17 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel
 
-from mesh import EnvelopeError, Message, MessageType, Settings, TopicError, topology
+from mesh import (
+    Agent,
+    EnvelopeError,
+    Message,
+    MessageType,
+    Settings,
+    TopicError,
+    TopologyError,
+    rpc,
+    topology,
+)
 from mesh.devservices import Services
 from mesh.envelope import encode_body, from_amqp, to_amqp
 
@@ -295,3 +305,23 @@ async def test_from_amqp_refuses_an_unknown_type(channel: AbstractChannel) -> No
     )
     with pytest.raises(EnvelopeError, match="unknown message type 'gossip'"):
         from_amqp(incoming)
+
+
+async def test_queue_declared_differently_before_names_the_conflict(settings: Settings) -> None:
+    """An agent whose queue exists with other arguments fails with a TopologyError naming it."""
+
+    class Old(Agent):
+        @rpc("status")
+        async def status(self, msg: Message, _: object) -> dict[str, str]:
+            return {}
+
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            "mesh.q.old.rpc", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+    agent = Old("old", settings=settings)
+    with pytest.raises(TopologyError, match=r"mesh\.q\.old\.rpc.*delete"):
+        await agent.start()
+    await agent.stop()
