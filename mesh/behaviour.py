@@ -225,6 +225,19 @@ class Behaviour:
     async def teardown(self) -> None:
         """Called after the behaviour ended, whatever the reason."""
 
+    @property
+    def consumes(self) -> bool:
+        """Whether the behaviour takes messages from a queue (it does if it has handlers)."""
+        return bool(self.routes)
+
+    async def handle_delivery(self, incoming: AbstractIncomingMessage) -> None:
+        """Handle one delivery and settle it: ack, requeue, or dead-letter with a reason.
+
+        The default decodes the envelope and dispatches to the ``@on`` / ``@rpc``
+        handlers; a behaviour that relays raw messages (the gateway) overrides it.
+        """
+        await _Dispatch(self, incoming).run()
+
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
         """Declare the queue the handlers consume, bound to ``binding_keys``."""
         if self.broadcast:
@@ -293,7 +306,7 @@ class Behaviour:
         if self._state is not None:
             await self._state.try_restore()
         await self.setup()
-        if self.routes:
+        if self.consumes:
             self._consumer = _Consumer(self, context)
             await self._consumer.start()
         self._set_status(BehaviourStatus.RUNNING)
@@ -454,7 +467,7 @@ class _Consumer:
             self.busy += 1
             self.idle.clear()
             try:
-                await self._handle(incoming)
+                await self.behaviour.handle_delivery(incoming)
             except asyncio.CancelledError:
                 await settle(incoming.nack(requeue=True))
                 raise
@@ -469,8 +482,17 @@ class _Consumer:
                 if self.busy == 0:
                     self.idle.set()
 
-    async def _handle(self, incoming: AbstractIncomingMessage) -> None:
+
+class _Dispatch:
+    """One delivery on its way to a handler, and how it is settled."""
+
+    def __init__(self, behaviour: Behaviour, incoming: AbstractIncomingMessage) -> None:
+        self.behaviour = behaviour
+        self.incoming = incoming
+
+    async def run(self) -> None:
         b = self.behaviour
+        incoming = self.incoming
         try:
             message = from_amqp(incoming)
         except EnvelopeError as exc:
@@ -478,14 +500,15 @@ class _Consumer:
             await settle(incoming.ack())
             return
         with logcontext.handling(message.message_id):
-            await self._dispatch(incoming, message)
+            await self._dispatch(message)
 
-    async def _dispatch(self, incoming: AbstractIncomingMessage, message: Message) -> None:
+    async def _dispatch(self, message: Message) -> None:
         b = self.behaviour
+        incoming = self.incoming
         route = b.route_for(message)
         if route is None:
             reason = f"no handler in behaviour {b.name!r} for topic {message.topic!r}"
-            await self._reject(incoming, message, reason)
+            await self._reject(message, reason)
             return
         payload: Any = message.payload
         if route.spec.model is not None:
@@ -493,20 +516,20 @@ class _Consumer:
                 payload = route.spec.model.model_validate(message.payload)
             except ValidationError as exc:
                 reason = f"payload does not match {route.spec.model.__name__}: {_errors(exc)}"
-                await self._reject(incoming, message, reason)
+                await self._reject(message, reason)
                 return
         try:
             result = await route.handler(message, payload)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._failed(incoming, message, route, exc)
+            await self._failed(message, route, exc)
             return
         if message.type is MessageType.REQUEST:
             try:
                 await b.agent.reply(message, result)
             except EnvelopeError as exc:
-                await self._failed(incoming, message, route, exc)
+                await self._failed(message, route, exc)
                 return
             except PublishError as exc:
                 # The handler ran; running it again for a lost reply would repeat its effects.
@@ -515,21 +538,19 @@ class _Consumer:
                 )
         await settle(incoming.ack())
 
-    async def _reject(
-        self, incoming: AbstractIncomingMessage, message: Message, reason: str
-    ) -> None:
+    async def _reject(self, message: Message, reason: str) -> None:
         """Dead-letter a message no retry can fix; tell a waiting requester why."""
         b = self.behaviour
+        incoming = self.incoming
         logger.warning("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
         if message.type is MessageType.REQUEST:
             await b.agent.reply(message, {"error": reason, "type": "InvalidRequest"}, error=True)
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
         await settle(incoming.ack())
 
-    async def _failed(
-        self, incoming: AbstractIncomingMessage, message: Message, route: Route, exc: Exception
-    ) -> None:
+    async def _failed(self, message: Message, route: Route, exc: Exception) -> None:
         b = self.behaviour
+        incoming = self.incoming
         summary = f"{type(exc).__name__}: {exc}"
         if message.type is MessageType.REQUEST:
             # The caller is waiting: answer now rather than retrying behind its back.

@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from mesh import topology
-from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_USER
+from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_USER, forwarded
 from mesh.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -47,19 +46,7 @@ class DeadLetters:
         headers[H_REASON] = reason[:MAX_REASON]
         headers[H_QUEUE] = queue
         headers[H_DEAD_BY] = self.agent
-        copy = aio_pika.Message(
-            incoming.body,
-            headers=headers,
-            content_type=incoming.content_type,
-            content_encoding=incoming.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=incoming.correlation_id,
-            reply_to=incoming.reply_to,
-            message_id=incoming.message_id,
-            timestamp=incoming.timestamp,
-            type=incoming.type,
-            app_id=incoming.app_id,
-        )
+        copy = forwarded(incoming, headers, expiring=False)
         await self.transport.publish(
             topology.DEAD_LETTER_EXCHANGE, incoming.routing_key or "", copy
         )

@@ -131,6 +131,31 @@ def to_amqp(
     )
 
 
+def forwarded(
+    incoming: AbstractIncomingMessage, headers: dict[str, Any], *, expiring: bool = True
+) -> aio_pika.Message:
+    """A copy of a delivered message with ``headers``, to publish on.
+
+    The copy has no ``user_id``: RabbitMQ only lets a connection claim its own user, so
+    the verified sender travels in ``x-mesh-user``.  ``expiring=False`` drops the TTL
+    (a dead letter must stay until someone reads it).
+    """
+    return aio_pika.Message(
+        incoming.body,
+        headers=headers,
+        content_type=incoming.content_type,
+        content_encoding=incoming.content_encoding,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        correlation_id=incoming.correlation_id,
+        reply_to=incoming.reply_to,
+        expiration=incoming.expiration if expiring else None,
+        message_id=incoming.message_id,
+        timestamp=incoming.timestamp,
+        type=incoming.type,
+        app_id=incoming.app_id,
+    )
+
+
 def from_amqp(incoming: AbstractIncomingMessage) -> Message:
     """Decode a delivered AMQP message; raise ``EnvelopeError`` naming what is wrong."""
     if incoming.content_type not in (None, CONTENT_TYPE):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
 from mesh import topology
 from mesh.behaviour import Behaviour
@@ -19,10 +18,11 @@ from mesh.envelope import (
     RESERVED_HEADERS,
     MessageType,
     encode_body,
+    forwarded,
 )
 from mesh.gateway.pipeline import Denied, Passage, Pipeline
 from mesh.topology import TopicError
-from mesh.transport import PublishError, Unroutable, is_stale, settle
+from mesh.transport import PublishError, Unroutable, settle
 
 logger = logging.getLogger(__name__)
 
@@ -31,81 +31,42 @@ class Relay(Behaviour):
     """Consumes the policy queue, runs the pipeline, republishes, then acks.
 
     The original is acked only after the broker confirmed the republished copy, so a
-    gateway that dies mid-way leaves the message to another replica.  aio-pika hands
-    each delivery to its own task in delivery order, and publishes enter the channel
-    in that order, so relaying keeps each sender's order while confirms overlap.
+    gateway that dies mid-way leaves the message to another replica.  Handlers take
+    deliveries in order and publish without awaiting anything before the channel, so
+    one relay keeps each sender's order while up to ``max_concurrency`` confirms overlap.
     """
 
     name = "relay"
     kind = "gateway"
     mailbox_size = 512
+    max_concurrency = 512
 
     pipeline: Pipeline
 
-    async def main(self) -> int | None:
-        transport = self.agent.transport
-        channel = await transport.open_channel(prefetch=self.mailbox_size, confirms=False)
-        # Declared rather than looked up: only declared queues get their consumer back
-        # when the robust connection recovers.
-        queue = await topology.declare_gateway_queue(channel)
-        in_flight: set[asyncio.Task[Any]] = set()
-        idle = asyncio.Event()
-        idle.set()
+    @property
+    def consumes(self) -> bool:
+        return True
 
-        async def on_message(incoming: AbstractIncomingMessage) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            in_flight.add(task)
-            idle.clear()
-            try:
-                await self.relay(incoming)
-            except Exception:
-                # Whatever went wrong, the message must not hold a prefetch slot forever
-                # nor poison the next replica: mesh.gateway dead-letters a rejected message.
-                logger.exception("relay of %s failed; dead-lettering it", incoming.message_id)
-                await settle(incoming.reject(requeue=False))
-            finally:
-                in_flight.discard(task)
-                if not in_flight:
-                    idle.set()
+    async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        return await topology.declare_gateway_queue(channel)
 
-        tag = await queue.consume(on_message)
+    async def handle_delivery(self, incoming: AbstractIncomingMessage) -> None:
         try:
-            await asyncio.Event().wait()
-        finally:
-            await asyncio.shield(self._drain(queue, tag, idle, channel))
-        return None
-
-    async def _drain(self, queue: Any, tag: str, idle: asyncio.Event, channel: Any) -> None:
-        try:
-            await queue.cancel(tag)
-            await asyncio.wait_for(idle.wait(), self.agent.settings.shutdown_timeout)
-        except Exception as exc:  # unacked messages go back to the queue on close
-            logger.warning("relay drain incomplete: %r", exc)
-        await channel.close()
+            await self.relay(incoming)
+        except Exception:
+            # Whatever went wrong, the message must not be retried into the same failure
+            # on every replica: mesh.gateway dead-letters a rejected message.
+            logger.exception("relay of %s failed; dead-lettering it", incoming.message_id)
+            await settle(incoming.reject(requeue=False))
 
     async def relay(self, incoming: AbstractIncomingMessage) -> None:
-        if is_stale(incoming):
-            return  # the broker requeued it with its channel; relaying it now would duplicate it
         passage = Passage(incoming=incoming, routing_key=incoming.routing_key or "")
         try:
             await self.pipeline.run(passage)
         except Denied as denied:
             await self._deny(passage, denied)
             return
-        copy = aio_pika.Message(
-            incoming.body,
-            headers=passage.headers,
-            content_type=incoming.content_type,
-            delivery_mode=incoming.delivery_mode,
-            correlation_id=incoming.correlation_id,
-            reply_to=incoming.reply_to,
-            expiration=incoming.expiration,
-            message_id=incoming.message_id,
-            timestamp=incoming.timestamp,
-            type=incoming.type,
-            app_id=incoming.app_id,
-        )
+        copy = forwarded(incoming, passage.headers)
         try:
             await self.agent.transport.publish(
                 topology.TOPIC_EXCHANGE,
