@@ -426,7 +426,7 @@ class Agent(Service):
             found = await self.registry.instances(
                 agent=None if agent == topology.ALL_AGENTS else agent
             )
-        except REDIS_DOWN:
+        except (*REDIS_DOWN, ValueError):  # unreachable, or a record it cannot read
             return None
         return len(found) or None
 
