@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, TypeVar
+from contextlib import asynccontextmanager
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
 from mesh import Agent, Behaviour, Message, Settings
-
-T = TypeVar("T")
 
 
 class Recorder(Agent):
@@ -41,12 +39,6 @@ def recorder(behaviour: Behaviour) -> Recorder:
     return agent
 
 
-async def take(queue: asyncio.Queue[T], count: int, timeout: float = 10.0) -> list[T]:
-    """The next ``count`` items of ``queue``; ``TimeoutError`` if they do not come in time."""
-    async with asyncio.timeout(timeout):
-        return [await queue.get() for _ in range(count)]
-
-
 async def take_until(
     queue: asyncio.Queue[tuple[str, Message]], topic: str, timeout: float = 10.0
 ) -> list[tuple[str, Message]]:
@@ -58,15 +50,6 @@ async def take_until(
             items.append(item)
             if item[1].topic == topic:
                 return items
-
-
-@asynccontextmanager
-async def running(*agents: Agent) -> AsyncIterator[None]:
-    """Start ``agents`` in order and stop them in reverse order afterwards."""
-    async with AsyncExitStack() as stack:
-        for agent in agents:
-            await stack.enter_async_context(agent)
-        yield
 
 
 class Broker:

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlsplit
@@ -26,7 +26,8 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from mesh import Agent, Behaviour, Settings, topology
+from behaviours import SubscriberBehaviour
+from mesh import Agent, Behaviour, Message, Settings, on, topology
 from mesh.devservices import BrokerAdmin
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,10 +57,15 @@ def host(behaviour: Behaviour) -> Host:
     return agent
 
 
-async def take(queue: asyncio.Queue[Any], count: int, timeout: float = 15.0) -> list[Any]:
-    """The next ``count`` items of ``queue``; TimeoutError if they do not come in time."""
-    async with asyncio.timeout(timeout):
-        return [await queue.get() for _ in range(count)]
+class Hold(SubscriberBehaviour):
+    """Holds each ``hold.item`` message until the test sets ``release``."""
+
+    @on("hold.item")
+    async def item(self, msg: Message, payload: object) -> None:
+        agent = host(self)
+        agent.seen.put_nowait(("started", msg.message_id))
+        await agent.release.wait()
+        agent.seen.put_nowait(("finished", msg.message_id))
 
 
 def drain(queue: asyncio.Queue[Any]) -> list[Any]:
@@ -68,15 +74,6 @@ def drain(queue: asyncio.Queue[Any]) -> list[Any]:
     while not queue.empty():
         items.append(queue.get_nowait())
     return items
-
-
-@asynccontextmanager
-async def running(*agents: Agent) -> AsyncIterator[None]:
-    """Start ``agents`` in order; stop them in reverse order afterwards."""
-    async with AsyncExitStack() as stack:
-        for agent in agents:
-            await stack.enter_async_context(agent)
-        yield
 
 
 def vhost_of(settings: Settings) -> str:

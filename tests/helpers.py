@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
+
+from mesh import Agent
 
 T = TypeVar("T")
 
@@ -64,3 +68,25 @@ async def delete_namespace(client: Any, namespace: str) -> int:
     if batch:
         deleted += await client.unlink(*batch)
     return deleted
+
+
+async def take(queue: asyncio.Queue[T], count: int, timeout: float = 15.0) -> list[T]:
+    """The next ``count`` items of ``queue``; ``TimeoutError`` if they do not come in time."""
+    async with asyncio.timeout(timeout):
+        return [await queue.get() for _ in range(count)]
+
+
+@asynccontextmanager
+async def running(*agents: Agent) -> AsyncIterator[None]:
+    """Start ``agents`` in order and stop them in reverse order afterwards."""
+    async with AsyncExitStack() as stack:
+        for agent in agents:
+            await stack.enter_async_context(agent)
+        yield
+
+
+def free_port() -> int:
+    """A local port nothing listens on (bound and released again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

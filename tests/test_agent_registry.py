@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from agents_core import running
 from agents_registry import SLEEPER_TOPIC, Sleeper, mesh_cli, mesh_run
-from helpers import eventually
+from helpers import eventually, free_port, running
 from pydantic import BaseModel
 
 from behaviours import OneShotBehaviour, SubscriberBehaviour
@@ -569,12 +568,6 @@ async def test_cli_agents_lists_and_shows_registered_agents(settings: Settings) 
 
 
 # --- a Redis outage ------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivateRedis:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from agents_core import running
 from agents_registry import INCREMENTS, REPLICAS, mesh_run
-from helpers import eventually
+from helpers import eventually, free_port, running
 from pydantic import BaseModel, Field
 
 from behaviours import SubscriberBehaviour
@@ -247,17 +245,10 @@ async def test_two_processes_incrementing_concurrently_lose_no_update(
         assert await p2.terminate() == 0, p2.output()
 
 
-def closed_port() -> int:
-    """A local port nothing listens on (bound and released again)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_state_write_without_redis_raises_state_unavailable(settings: Settings) -> None:
     """With Redis unreachable the agent still starts (defaults), and a state write raises
     StateUnavailable saying where Redis was expected."""
-    port = closed_port()
+    port = free_port()
     unreachable = settings.model_copy(
         update={"redis_url": f"redis://127.0.0.1:{port}/0", "heartbeat_interval": 0.2}
     )

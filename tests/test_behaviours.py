@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import pytest
-from agents_core import Broker, Recorder, broker, recorder, running, take
-from helpers import eventually
+from agents_core import Broker, Recorder, broker, recorder
+from helpers import eventually, running, take
 
 from behaviours import (
     CyclicBehaviour,
@@ -19,7 +19,7 @@ from behaviours import (
     TimeoutBehaviour,
     fsm_state,
 )
-from mesh import Behaviour, BehaviourStatus, Message, Settings, on
+from mesh import Agent, Behaviour, BehaviourStatus, Message, Settings, on
 from mesh.gateway import Gateway
 
 
@@ -350,22 +350,32 @@ class Gatekeeper(Recorder):
         self.active = 0
         self.peak = 0
 
+    async def pass_gate(self, behaviour: Behaviour, msg: Message) -> None:
+        """Count ``msg``'s handler in (``entered``, ``active``, ``peak``), wait at ``gate``,
+        then report it on ``received``."""
+        self.counts["entered"] += 1
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await self.gate.acquire()
+        finally:
+            self.active -= 1
+        self.received.put_nowait((behaviour.name, msg))
+
+
+def gatekeeper(behaviour: Behaviour) -> Gatekeeper:
+    """The ``Gatekeeper`` that runs ``behaviour``."""
+    agent = recorder(behaviour)
+    assert isinstance(agent, Gatekeeper), f"{behaviour.name} must run in a Gatekeeper"
+    return agent
+
 
 class Gated(SubscriberBehaviour):
     mailbox_size = 5
 
     @on("gated.#")
     async def handle(self, msg: Message, payload: object) -> None:
-        agent = recorder(self)
-        assert isinstance(agent, Gatekeeper)
-        agent.counts["entered"] += 1
-        agent.active += 1
-        agent.peak = max(agent.peak, agent.active)
-        try:
-            await agent.gate.acquire()
-        finally:
-            agent.active -= 1
-        agent.received.put_nowait((self.name, msg))
+        await gatekeeper(self).pass_gate(self, msg)
 
 
 class MailboxAgent(Gatekeeper):
@@ -404,22 +414,22 @@ async def depth_is(amqp: Broker, queue: str, expected: int) -> bool:
     return await amqp.depth(queue) == expected
 
 
+async def hand_over(agent: Agent, amqp: Broker, prefix: str, count: int, queue: str) -> None:
+    """Publish ``count`` messages ``<prefix>.item`` ({"n": 0...}) and wait until the gateway
+    has relayed them all and the broker has handed every one from ``queue`` to the behaviour."""
+    relayed = await amqp.tap("mesh.topic", f"{prefix}.#")
+    for n in range(count):
+        await agent.publish(f"{prefix}.item", {"n": n})
+    await eventually(lambda: depth_is(amqp, relayed.name, count), timeout=5)
+    await eventually(lambda: depth_is(amqp, queue, 0), timeout=5)
+
+
 class Quartet(SubscriberBehaviour):
     max_concurrency = 4
 
     @on("four.#")
     async def handle(self, msg: Message, payload: object) -> None:
-        agent = recorder(self)
-        assert isinstance(agent, Gatekeeper)
-        agent.active += 1
-        agent.peak = max(agent.peak, agent.active)
-        if agent.active == self.max_concurrency:
-            agent.events["four"].set()
-        try:
-            await agent.gate.acquire()
-        finally:
-            agent.active -= 1
-        agent.received.put_nowait((self.name, msg))
+        await gatekeeper(self).pass_gate(self, msg)
 
 
 class QuartetAgent(Gatekeeper):
@@ -430,14 +440,9 @@ async def test_max_concurrency_runs_that_many_handlers_at_once(quick: Settings) 
     """max_concurrency=4: four handlers run at the same time, never a fifth."""
     agent = QuartetAgent("quartet", settings=quick)
     async with running(Gateway(settings=quick), agent), broker(quick) as amqp:
-        relayed = await amqp.tap("mesh.topic", "four.#")
-        for n in range(10):
-            await agent.publish("four.item", {"n": n})
-        await asyncio.wait_for(agent.events["four"].wait(), 5)
-        # All ten were relayed and handed to the behaviour: six wait in its mailbox.
-        await eventually(lambda: depth_is(amqp, relayed.name, 10), timeout=5)
-        await eventually(lambda: depth_is(amqp, "mesh.q.quartet.quartet", 0), timeout=5)
-        assert agent.active == 4
+        # All ten are handed to the behaviour: four run, six wait in its mailbox.
+        await hand_over(agent, amqp, "four", 10, queue="mesh.q.quartet.quartet")
+        await eventually(lambda: agent.active == 4, timeout=5)
         for _ in range(10):
             agent.gate.release()
         received = await take(agent.received, 10)
@@ -450,16 +455,7 @@ class Solo(SubscriberBehaviour):
 
     @on("solo.#")
     async def handle(self, msg: Message, payload: object) -> None:
-        agent = recorder(self)
-        assert isinstance(agent, Gatekeeper)
-        agent.counts["entered"] += 1
-        agent.active += 1
-        agent.peak = max(agent.peak, agent.active)
-        try:
-            await agent.gate.acquire()
-        finally:
-            agent.active -= 1
-        agent.received.put_nowait((self.name, msg))
+        await gatekeeper(self).pass_gate(self, msg)
 
 
 class SoloAgent(Gatekeeper):
@@ -470,12 +466,8 @@ async def test_max_concurrency_one_runs_one_at_a_time(quick: Settings) -> None:
     """max_concurrency=1: with five messages delivered, one handler runs; order is kept."""
     agent = SoloAgent("solo", settings=quick)
     async with running(Gateway(settings=quick), agent), broker(quick) as amqp:
-        relayed = await amqp.tap("mesh.topic", "solo.#")
-        for n in range(5):
-            await agent.publish("solo.item", {"n": n})
-        # All five were relayed and handed to the behaviour: four wait in its mailbox.
-        await eventually(lambda: depth_is(amqp, relayed.name, 5), timeout=5)
-        await eventually(lambda: depth_is(amqp, "mesh.q.solo.solo", 0), timeout=5)
+        # All five are handed to the behaviour: four wait in its mailbox.
+        await hand_over(agent, amqp, "solo", 5, queue="mesh.q.solo.solo")
         await eventually(lambda: agent.counts["entered"] == 1, timeout=5)
         assert agent.active == 1
         for _ in range(5):
@@ -525,11 +517,7 @@ async def test_stopped_behaviour_keeps_its_messages_until_started(settings: Sett
 class Drained(SubscriberBehaviour):
     @on("drain.#")
     async def handle(self, msg: Message, payload: object) -> None:
-        agent = recorder(self)
-        assert isinstance(agent, Gatekeeper)
-        agent.counts["entered"] += 1
-        await agent.gate.acquire()
-        agent.received.put_nowait((self.name, msg))
+        await gatekeeper(self).pass_gate(self, msg)
 
 
 class DrainAgent(Gatekeeper):
@@ -542,12 +530,7 @@ async def test_stop_finishes_in_flight_and_requeues_the_rest(quick: Settings) ->
     queue = "mesh.q.drain.drained"
     agent = DrainAgent("drain", settings=quick)
     async with running(Gateway(settings=quick), agent), broker(quick) as amqp:
-        relayed = await amqp.tap("mesh.topic", "drain.#")
-        for n in range(5):
-            await agent.publish("drain.item", {"n": n})
-        # All five relayed, and the broker handed all five to the behaviour.
-        await eventually(lambda: depth_is(amqp, relayed.name, 5), timeout=5)
-        await eventually(lambda: depth_is(amqp, queue, 0), timeout=5)
+        await hand_over(agent, amqp, "drain", 5, queue=queue)
         await eventually(lambda: agent.counts["entered"] == 1, timeout=5)
 
         drained = agent.behaviour("drained")

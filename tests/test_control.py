@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from agents_core import Recorder, recorder, running
-from helpers import eventually
+from agents_core import Recorder, recorder
+from helpers import eventually, running
 
 from behaviours import OneShotBehaviour, PeriodicBehaviour, SubscriberBehaviour
 from mesh import BehaviourStatus, Client, InstanceRecord, Message, MessageType, Settings, on

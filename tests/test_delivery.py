@@ -8,17 +8,16 @@ from collections import Counter
 import aio_pika
 import pytest
 from agents_reliability import (
+    Hold,
     Host,
     counts_are,
     drain,
     host,
     peek,
-    running,
     subscriber,
-    take,
     user_of,
 )
-from helpers import eventually
+from helpers import eventually, running, take
 from pydantic import BaseModel
 
 from behaviours import SubscriberBehaviour
@@ -31,17 +30,6 @@ from mesh.gateway import Gateway
 class Order(BaseModel):
     item: str
     qty: int
-
-
-class Gate(SubscriberBehaviour):
-    """Holds each message until the test sets ``release``."""
-
-    @on("gate.item")
-    async def item(self, msg: Message, payload: object) -> None:
-        agent = host(self)
-        agent.seen.put_nowait(("started", msg.message_id))
-        await agent.release.wait()
-        agent.seen.put_nowait(("finished", msg.message_id))
 
 
 class Flaky(SubscriberBehaviour):
@@ -85,10 +73,10 @@ class Share(SubscriberBehaviour):
 
 async def test_ack_only_after_handler_returns(settings: Settings, admin: BrokerAdmin) -> None:
     """While the handler runs the message is unacked; once it returns the queue is empty."""
-    queue = topology.behaviour_queue("sub", Gate.name)
-    sub = subscriber(settings, Gate)
+    queue = topology.behaviour_queue("sub", Hold.name)
+    sub = subscriber(settings, Hold)
     async with running(Gateway(settings=settings), sub), peek(settings) as broker:
-        message_id = await sub.publish("gate.item", {"n": 1})
+        message_id = await sub.publish("hold.item", {"n": 1})
         assert await take(sub.seen, 1) == [("started", message_id)]
         await eventually(lambda: counts_are(admin, settings, queue, ready=0, unacked=1))
         sub.release.set()

@@ -13,7 +13,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 import redis.asyncio as aioredis
-from helpers import delete_namespace, eventually
+from helpers import delete_namespace, eventually, free_port
 
 from mesh.config import Settings
 from mesh.devservices import (
@@ -30,13 +30,6 @@ from mesh.devservices import (
 REPO = Path(__file__).resolve().parent.parent
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def test_services_answer(services: Services) -> None:
     assert services.ok
     assert probe(services.rabbitmq.endpoint) is Probe.ANSWERS
@@ -47,7 +40,7 @@ def test_services_answer(services: Services) -> None:
 
 
 def test_probe_tells_nothing_from_something_else() -> None:
-    port = unused_port()
+    port = free_port()
     assert probe(parse_endpoint("rabbitmq", f"amqp://127.0.0.1:{port}/")) is Probe.NOTHING
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -137,7 +130,7 @@ async def test_eventually_reports_the_condition() -> None:
 
 
 def test_missing_programs_are_named(tmp_path: Path, services: Services) -> None:
-    amqp_port, redis_port = unused_port(), unused_port()
+    amqp_port, redis_port = free_port(), free_port()
     settings = Settings(
         amqp_url=f"amqp://guest:guest@127.0.0.1:{amqp_port}/",
         redis_url=f"redis://127.0.0.1:{redis_port}/0",

@@ -7,8 +7,8 @@ import logging
 from collections import Counter
 
 import pytest
-from agents_reliability import Host, counts_are, drain, host, peek, running, take, user_of
-from helpers import eventually
+from agents_reliability import Host, counts_are, drain, host, peek, user_of
+from helpers import eventually, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, RemoteError, Settings, on, rpc, topology

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,23 +11,6 @@ import redis.asyncio as aioredis
 
 from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord, Registry
 from mesh.topology import TopicError
-
-REDIS_URL = os.environ.get("MESH_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture
-async def namespace() -> AsyncIterator[str]:
-    yield f"test-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-async def redis(namespace: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield client
-    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
-    if keys:
-        await client.unlink(*keys)
-    await client.aclose()
 
 
 @pytest.fixture

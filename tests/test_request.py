@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from agents_core import Recorder, broker, recorder, running
-from helpers import eventually
+from agents_core import Recorder, broker, recorder
+from helpers import eventually, running
 from pydantic import BaseModel
 
 from behaviours import OneShotBehaviour, SubscriberBehaviour

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from agents_reliability import (
+    Hold,
     Host,
     agent_process,
     consumers,
@@ -16,9 +17,7 @@ from agents_reliability import (
     drain,
     host,
     peek,
-    running,
     subscriber,
-    take,
     vhost_of,
 )
 from agents_robustness import (
@@ -30,7 +29,7 @@ from agents_robustness import (
     processed_key,
     started_key,
 )
-from helpers import eventually
+from helpers import eventually, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, PublishError, Settings, on, topology
@@ -45,17 +44,6 @@ class Collect(SubscriberBehaviour):
     @on("flow.item")
     async def item(self, msg: Message, payload: dict[str, int]) -> None:
         host(self).seen.put_nowait(payload["n"])
-
-
-class Hold(SubscriberBehaviour):
-    """Holds each message until the test sets ``release``."""
-
-    @on("hold.item")
-    async def item(self, msg: Message, payload: object) -> None:
-        agent = host(self)
-        agent.seen.put_nowait(("started", msg.message_id))
-        await agent.release.wait()
-        agent.seen.put_nowait(("finished", msg.message_id))
 
 
 async def members(redis: aioredis.Redis, key: str) -> set[str]:

@@ -6,7 +6,8 @@ import asyncio
 from collections import Counter
 
 import pytest
-from agents_core import Recorder, broker, recorder, running, take, take_until
+from agents_core import Recorder, broker, recorder, take_until
+from helpers import running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Agent, Message, Settings, TopicError, on

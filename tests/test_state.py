@@ -6,8 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 from redis import Redis as SyncRedis
 
+from mesh.devservices import Services
 from mesh.state import (
     InvalidState,
     StateConflict,
@@ -25,7 +24,6 @@ from mesh.state import (
     state_key,
 )
 
-REDIS_URL = os.environ.get("MESH_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,18 +40,9 @@ class Required(BaseModel):
 
 
 @pytest.fixture
-async def namespace() -> AsyncIterator[str]:
-    yield f"test-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-async def redis(namespace: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield client
-    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
-    if keys:
-        await client.unlink(*keys)
-    await client.aclose()
+def redis_url(services: Services) -> str:
+    """Where the suite's Redis answers, for the clients a test opens itself."""
+    return services.settings.redis_url
 
 
 @pytest.fixture
@@ -163,8 +152,10 @@ async def test_concurrent_tasks_lose_no_update(store: StateStore) -> None:
     assert await store.load(key, Counter) == Versioned(Counter(count=2000), 2000)
 
 
-async def test_two_clients_lose_no_update(redis: aioredis.Redis, namespace: str) -> None:
-    other = aioredis.Redis.from_url(REDIS_URL)
+async def test_two_clients_lose_no_update(
+    redis: aioredis.Redis, namespace: str, redis_url: str
+) -> None:
+    other = aioredis.Redis.from_url(redis_url)
     try:
         one, two = StateStore(redis, namespace), StateStore(other, namespace)
         key = one.key("a")
@@ -174,10 +165,12 @@ async def test_two_clients_lose_no_update(redis: aioredis.Redis, namespace: str)
         await other.aclose()
 
 
-async def test_writers_in_a_loop_are_not_starved(redis: aioredis.Redis, namespace: str) -> None:
+async def test_writers_in_a_loop_are_not_starved(
+    redis: aioredis.Redis, namespace: str, redis_url: str
+) -> None:
     # Each writer passes the value it last wrote, so its next write leaves the moment its reply
     # lands; without priority for a loser, one writer would win every race.
-    other = aioredis.Redis.from_url(REDIS_URL)
+    other = aioredis.Redis.from_url(redis_url)
     stores = [StateStore(redis, namespace), StateStore(other, namespace)]
     key = stores[0].key("a")
 
@@ -216,14 +209,16 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
-async def test_two_processes_lose_no_update(store: StateStore, namespace: str) -> None:
+async def test_two_processes_lose_no_update(
+    store: StateStore, namespace: str, redis_url: str
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
             _WORKER,
-            REDIS_URL,
+            redis_url,
             namespace,
             "1000",
             env=env,
@@ -245,10 +240,12 @@ async def test_two_processes_lose_no_update(store: StateStore, namespace: str) -
     assert got.value.count == 2000 and got.version == 2000
 
 
-async def test_gives_up_after_max_attempts(store: StateStore, redis: aioredis.Redis) -> None:
+async def test_gives_up_after_max_attempts(
+    store: StateStore, redis: aioredis.Redis, redis_url: str
+) -> None:
     key = store.key("a")
     start = await store.update(key, Counter, {"count": 1})
-    meddler = SyncRedis.from_url(REDIS_URL)
+    meddler = SyncRedis.from_url(redis_url)
 
     def change(c: Counter) -> dict[str, int]:
         # another writer gets in between every read and write of ours
