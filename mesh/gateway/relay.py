@@ -8,7 +8,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
-from mesh import topology
+from mesh import logcontext, topology
 from mesh.behaviour import Behaviour
 from mesh.envelope import (
     CONTENT_TYPE,
@@ -52,7 +52,8 @@ class Relay(Behaviour):
 
     async def handle_delivery(self, incoming: AbstractIncomingMessage) -> None:
         try:
-            await self.relay(incoming)
+            with logcontext.handling(incoming.message_id or "-"):
+                await self.relay(incoming)
         except Exception:
             # Whatever went wrong, the message must not be retried into the same failure
             # on every replica: mesh.gateway dead-letters a rejected message.
