@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
-import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from logging.handlers import QueueHandler, QueueListener
 
 agent_id: ContextVar[str] = ContextVar("mesh_agent_id", default="-")
 message_id: ContextVar[str] = ContextVar("mesh_message_id", default="-")
@@ -38,20 +35,10 @@ def handling(message: str) -> Iterator[None]:
 
 
 def configure(level: int | str = logging.INFO) -> None:
-    """Log to stderr with the mesh's context; for the ``mesh`` command, not for libraries.
-
-    Records go through a queue to a writer thread, so a slow terminal or disk never
-    stalls the event loop (the gateway logs every message it relays).  The context
-    filter runs on the emitting side, where the context variables are set.
-    """
-    stream = logging.StreamHandler()
-    stream.setFormatter(logging.Formatter(LOG_FORMAT))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    handler = QueueHandler(records)
+    """Log to stderr with the mesh's context; for the ``mesh`` command, not for libraries."""
+    handler = logging.StreamHandler()
     handler.addFilter(ContextFilter())
-    listener = QueueListener(records, stream)
-    listener.start()
-    atexit.register(listener.stop)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
