@@ -8,7 +8,7 @@ from mesh.envelope import EnvelopeError, Message, MessageType
 from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord
 from mesh.state import InvalidState, StateConflict, StateError, StateUnavailable
 from mesh.topology import TopicError, TopologyError
-from mesh.transport import PublishError
+from mesh.transport import BrokerUnavailable, PublishError
 
 __all__ = [
     "Agent",
@@ -17,6 +17,7 @@ __all__ = [
     "Behaviour",
     "BehaviourRecord",
     "BehaviourStatus",
+    "BrokerUnavailable",
     "Client",
     "ConfigError",
     "EnvelopeError",

@@ -339,7 +339,7 @@ class Agent(Service):
         except TimeoutError:
             raise RequestTimeout(
                 f"no reply from {agent}.{operation} within {timeout:g}s "
-                f"(request {message.message_id})"
+                f"(request {message.message_id}; is a gateway running?)"
             ) from None
         finally:
             self._pending.pop(correlation, None)

@@ -17,12 +17,14 @@ import redis.asyncio as aioredis
 from mode import Worker
 
 from mesh import logcontext, topology
-from mesh.agent import Agent
+from mesh.agent import Agent, RemoteError, RequestTimeout
 from mesh.client import Client
 from mesh.config import ConfigError, Settings
 from mesh.gateway import Gateway
 from mesh.membership import REDIS_DOWN
 from mesh.registry import Registry
+from mesh.topology import TopicError
+from mesh.transport import BrokerUnavailable, PublishError
 
 T = TypeVar("T")
 
@@ -67,7 +69,10 @@ def with_client(func: Callable[[Agent], Awaitable[T]]) -> T:
             return await func(client)
 
     logcontext.configure("WARNING")
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except (BrokerUnavailable, PublishError, RequestTimeout, RemoteError, TopicError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def echo_json(data: Any) -> None:
@@ -176,7 +181,11 @@ def shutdown(agent: str, timeout: float) -> None:
 def call(agent: str, operation: str, payload: str, timeout: float) -> None:
     """Call OPERATION on AGENT with a JSON PAYLOAD and print the reply."""
     try:
+        topology.check_name("agent id", agent)
+        topology.check_name("operation", operation)
         body = json.loads(payload)
+    except TopicError as exc:
+        raise click.BadParameter(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"payload is not JSON: {exc}") from None
     echo_json(with_client(lambda client: client.request(agent, operation, body, timeout=timeout)))

@@ -51,6 +51,10 @@ def is_stale(incoming: AbstractIncomingMessage) -> bool:
         return True
 
 
+class BrokerUnavailable(ConnectionError):
+    """RabbitMQ could not be reached when connecting."""
+
+
 class PublishError(RuntimeError):
     """The broker did not confirm a message; it may or may not have been delivered."""
 
@@ -90,10 +94,17 @@ class Transport:
         return self._channel
 
     async def connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(
-            self.settings.amqp_url,
-            client_properties={"connection_name": self.connection_name},
-        )
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.settings.amqp_url,
+                client_properties={"connection_name": self.connection_name},
+            )
+        except (AMQPConnectionError, OSError) as exc:
+            url = urlsplit(self.settings.amqp_url)  # named without the password
+            raise BrokerUnavailable(
+                f"RabbitMQ unreachable at {url.hostname}:{url.port or 5672}{url.path or '/'} "
+                f"({exc}); start it or point MESH_AMQP_URL at it"
+            ) from None
         self._channel = await self.open_channel()
 
     async def open_channel(
