@@ -210,9 +210,7 @@ class Agent(Service):
 
     async def _announce(self, event: str, payload: dict[str, Any]) -> None:
         key = topology.registry_key(event)
-        await self.send(
-            Message(topic=key, payload=payload, app_id=self.id, instance=self.instance), key
-        )
+        await self.send(self._message(key, payload), key)
 
     def metadata(self) -> dict[str, Any]:
         """What the registry shows about this instance besides the standard fields."""
@@ -271,6 +269,12 @@ class Agent(Service):
 
     # --- sending ---------------------------------------------------------------------
 
+    def _message(self, topic: str, payload: Any, **fields: Any) -> Message:
+        """A message from this instance."""
+        return Message(
+            topic=topic, payload=payload, app_id=self.id, instance=self.instance, **fields
+        )
+
     async def send(self, message: Message, routing_key: str) -> None:
         """Publish a fully built message through the policy exchange."""
         await self.transport.publish(
@@ -288,14 +292,8 @@ class Agent(Service):
     ) -> str:
         """Publish an event through the gateway; returns its message id once confirmed."""
         topology.check_topic(topic)
-        message = Message(
-            topic=topic,
-            payload=payload,
-            app_id=self.id,
-            instance=self.instance,
-            behaviour=behaviour,
-            headers=headers or {},
-            expiration=expiration,
+        message = self._message(
+            topic, payload, behaviour=behaviour, headers=headers or {}, expiration=expiration
         )
         await self.send(message, topic)
         return message.message_id
@@ -320,12 +318,10 @@ class Agent(Service):
             topology.check_name("agent id", agent), topology.check_name("operation", operation)
         )
         correlation = uuid.uuid4().hex
-        message = Message(
-            topic=key,
-            payload=payload,
+        message = self._message(
+            key,
+            payload,
             type=MessageType.REQUEST,
-            app_id=self.id,
-            instance=self.instance,
             behaviour=behaviour,
             correlation_id=correlation,
             reply_to=self.reply_to,
@@ -364,12 +360,10 @@ class Agent(Service):
                 request.reply_to,
             )
             return
-        message = Message(
-            topic=request.reply_to,
-            payload=result,
+        message = self._message(
+            request.reply_to,
+            result,
             type=MessageType.ERROR if error else MessageType.REPLY,
-            app_id=self.id,
-            instance=self.instance,
             correlation_id=request.correlation_id,
         )
         await self.send(message, request.reply_to)
@@ -387,18 +381,18 @@ class Agent(Service):
 
         Collects replies until ``timeout`` or until ``expect`` replies arrived.
         """
-        key = topology.control_key(agent, command)
+        if agent != topology.ALL_AGENTS:
+            topology.check_name("agent id", agent)
+        key = topology.control_key(agent, topology.check_name("command", command))
         if expect is None:
             expect = await self._live_instances(agent)
         correlation = uuid.uuid4().hex
         replies: asyncio.Queue[Message] = asyncio.Queue()
         self._collectors[correlation] = replies
-        message = Message(
-            topic=key,
-            payload=payload,
+        message = self._message(
+            key,
+            payload,
             type=MessageType.CONTROL,
-            app_id=self.id,
-            instance=self.instance,
             correlation_id=correlation,
             reply_to=self.reply_to,
             expiration=timeout,
@@ -493,6 +487,7 @@ class Agent(Service):
             return
         await self.reply(message, result)
         if command == "shutdown":
+            # Held, so the task is not garbage-collected before it ran.
             self._stopping_task = asyncio.get_running_loop().create_task(self._stop_process())
 
     async def _control_command(self, command: str, args: dict[str, Any]) -> Any:

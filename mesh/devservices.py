@@ -938,17 +938,6 @@ class BrokerAdmin:
         """Close every client connection of ``vhost`` from the broker side."""
         await self.ctl("-q", "close_all_connections", "--vhost", vhost, _safe_reason(reason))
 
-    async def close_connection(
-        self, connection: BrokerConnection | str, reason: str = "closed by test"
-    ) -> None:
-        """Close one connection, given as listed or by its Erlang pid."""
-        pid = connection.pid if isinstance(connection, BrokerConnection) else connection
-        await self.ctl("-q", "close_connection", pid, _safe_reason(reason))
-
-    async def close_user_connections(self, user: str, reason: str = "closed by test") -> None:
-        """Close every connection of one broker user (e.g. one agent)."""
-        await self.ctl("-q", "close_all_user_connections", user, _safe_reason(reason))
-
 
 def _safe_reason(reason: str) -> str:
     return _SHELL_UNSAFE.sub(" ", reason)

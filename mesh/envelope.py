@@ -85,10 +85,6 @@ class Message(BaseModel):
     delivery_count: int = 0
     """How many times the broker delivered this message before (0 on the first delivery)."""
 
-    @property
-    def sender(self) -> str | None:
-        return self.app_id
-
 
 def encode_body(payload: Any) -> bytes:
     """JSON-encode a payload: a pydantic model, or anything JSON can hold."""

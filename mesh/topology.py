@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import re
+from functools import lru_cache
 from itertools import accumulate
 from typing import Any
 
@@ -85,6 +86,7 @@ def check_pattern(pattern: str) -> str:
     return pattern
 
 
+@lru_cache(maxsize=8192)  # handlers see the same few topics over and over
 def matches(pattern: str, topic: str) -> bool:
     """Whether a topic exchange would route ``topic`` to a binding ``pattern``."""
     if pattern == "#":

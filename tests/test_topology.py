@@ -249,7 +249,7 @@ async def test_envelope_round_trip(channel: AbstractChannel) -> None:
         "reply_to", "timestamp", "expiration", "schema_id", "traceparent", "headers",
     ):
         assert getattr(received, field) == getattr(sent, field), field
-    assert received.sender == "v7"
+    assert received.app_id == "v7"
     assert received.delivery_count == 0
 
 

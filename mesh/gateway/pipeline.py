@@ -28,10 +28,6 @@ class Passage:
     user: str | None = None
     """The sender's broker user, set by the authenticate stage."""
 
-    @property
-    def sender(self) -> str | None:
-        return self.incoming.app_id
-
 
 class Stage(Protocol):
     """One check or transformation; raise ``Denied`` to refuse the message."""
