@@ -15,19 +15,17 @@ import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from pydantic import BaseModel, ValidationError
 
 from mesh import logcontext, topology
 from mesh.config import Settings
+from mesh.deadletter import DeadLetters
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
 from mesh.transport import PublishError, Transport, is_stale, settle
-
-if TYPE_CHECKING:
-    from mesh.deadletter import DeadLetters
 
 logger = logging.getLogger(__name__)
 
