@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from mode import Service
 from pydantic import BaseModel, ValidationError
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
 
 from mesh import logcontext, topology
 from mesh.behaviour import Behaviour, collect_routes
@@ -100,10 +102,13 @@ class Agent(Service):
         self.transport = Transport(self.settings, f"{self.id}/{self.instance}")
         self.dead_letters = DeadLetters(self.transport, self.id)
         self.started_at = datetime.now(UTC)
+        # One attempt per call, whatever the URL asks: each redis-py retry waits a timeout more,
+        # and the callers retry themselves (heartbeats) or must know the call failed (state).
         self.redis = aioredis.Redis.from_url(
             self.settings.redis_url,
             socket_timeout=self.settings.heartbeat_interval,
             socket_connect_timeout=self.settings.heartbeat_interval,
+            retry=RedisRetry(NoBackoff(), 0),
         )
         self.registry = Registry(self.redis, self.settings.namespace, self.settings.heartbeat_ttl)
         self.state_store = StateStore(self.redis, self.settings.namespace)

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import click
 import redis.asyncio as aioredis
 from mode import Worker
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
 
 from mesh import logcontext, topology
 from mesh.agent import Agent, RemoteError, RequestTimeout
@@ -196,7 +198,10 @@ def _registry_query(func: Callable[[Registry], Awaitable[T]]) -> T:
 
     async def main() -> T:
         settings = settings_or_exit()
-        redis = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        # One attempt, whatever the URL asks: each redis-py retry would wait a timeout more.
+        redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, retry=RedisRetry(NoBackoff(), 0)
+        )
         try:
             return await func(Registry(redis, settings.namespace, settings.heartbeat_ttl))
         except REDIS_DOWN as exc:

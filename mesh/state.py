@@ -1,10 +1,10 @@
 """Typed agent state in Redis, written with compare-and-set.
 
 Each state lives in a hash at ``f"{namespace}:state:{agent}"`` (or ``…:{agent}:{behaviour}``) with
-two fields: ``v``, a version that every write increments, and ``data``, the JSON of the pydantic
-model (plus ``p`` and ``pe`` while a starved writer holds priority, see ``_CAS``). A write
-succeeds only if the version is still the one the change was computed from; otherwise the change
-is applied again to the fresh value.
+the fields ``v``, a version that every write increments, ``data``, the JSON of the pydantic
+model, and ``w``, the ids of the latest writes (plus ``p`` and ``pe`` while a starved writer holds
+priority; see ``_CAS`` for both). A write succeeds only if the version is still the one the change
+was computed from; otherwise the change is applied again to the fresh value.
 
 The compare-and-set is a Lua script rather than WATCH/MULTI: it is one round trip per attempt
 (WATCH needs WATCH, a read, MULTI and EXEC on a connection held for the whole time), and on a
@@ -77,18 +77,30 @@ def state_key(namespace: str, agent: str, behaviour: str | None = None) -> str:
     return key if behaviour is None else f"{key}:{check_name('behaviour', behaviour)}"
 
 
-# KEYS: state.  ARGV: expected version, new data, writer token, '1' to claim priority.
-# Returns {1, new version} or {0, current version, current data}.
+# KEYS: state.  ARGV: expected version, new data, writer token, '1' to claim priority, claim ms,
+# write id, length of 'w'.
+# Returns {1, new version}, {0, current version, current data}, or {1, current version, current
+# data} when this write id was applied before.
 #
 # Plain compare-and-set starves: a writer updating in a loop sends its next write the moment its
 # reply lands, ahead of the loser's retry, and wins every race. So a writer that has lost a few
 # times claims priority (fields 'p', its token, and 'pe', when the claim lapses): until it writes,
 # everyone else's write is refused as if stale, and its own next write is certain to succeed.
+#
+# The same call can arrive twice: a client that retries on a timeout (redis-py's Redis(...) does
+# by default) sends it again when only the reply was late. The copy finds the version moved by
+# the first and, answered as a conflict, would make update apply the change again. So each
+# attempt has a write id, and 'w' keeps the latest ones (' ' before each) so that a copy is
+# recognised even after other writers wrote on top.
 _CAS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local f = redis.call('HMGET', KEYS[1], 'v', 'p', 'pe')
+local f = redis.call('HMGET', KEYS[1], 'v', 'p', 'pe', 'w')
 local cur = tonumber(f[1] or '0')
+local w = f[4] or ''
+if cur ~= tonumber(ARGV[1]) and string.find(w, ' ' .. ARGV[6], 1, true) then
+  return {1, cur, redis.call('HGET', KEYS[1], 'data')}
+end
 local free = not f[2] or f[2] == ARGV[3] or tonumber(f[3]) <= now
 if cur ~= tonumber(ARGV[1]) or not free then
   if free and ARGV[4] == '1' and cur > 0 then
@@ -96,7 +108,8 @@ if cur ~= tonumber(ARGV[1]) or not free then
   end
   return {0, cur, redis.call('HGET', KEYS[1], 'data')}
 end
-redis.call('HSET', KEYS[1], 'v', cur + 1, 'data', ARGV[2])
+w = string.sub(w .. ' ' .. ARGV[6], -tonumber(ARGV[7]))
+redis.call('HSET', KEYS[1], 'v', cur + 1, 'data', ARGV[2], 'w', w)
 if f[2] then redis.call('HDEL', KEYS[1], 'p', 'pe') end
 return {1, cur + 1}
 """
@@ -112,6 +125,14 @@ _CLAIM_AFTER = 2
 
 _CLAIM_MS = 200
 """How long a claim holds if its writer never writes (it crashed or gave up)."""
+
+_WRITES_KEPT = 16
+"""How many of the latest write ids a state keeps: a late copy of a write is recognised as long
+as fewer other writes landed in between."""
+
+_WRITE_ID_BYTES = 8
+# Every id has the same length, so keeping the tail of 'w' keeps whole ids.
+_W_LENGTH = _WRITES_KEPT * (1 + 2 * _WRITE_ID_BYTES)
 
 
 class StateStore:
@@ -168,10 +189,14 @@ class StateStore:
                     token,
                     int(claimed),
                     _CLAIM_MS,
+                    secrets.token_hex(_WRITE_ID_BYTES),
+                    _W_LENGTH,
                 ]
-                reply = await self._call(self._cas(keys=[key], args=args))
+                reply = await self._call(self._cas(keys=[key], args=args), writing=True)
                 if int(reply[0]) == 1:
-                    return Versioned(value, int(reply[1]))
+                    # With data, a copy of a write applied before: others may have written since.
+                    stored = _decode(key, model, reply[2]) if len(reply) > 2 else None
+                    return Versioned(value if stored is None else stored, int(reply[1]))
                 stale, version = version, int(reply[1])
                 base = _decode(key, model, reply[2] if len(reply) > 2 else None)
                 logger.debug("state %s changed under us (now v%d); retrying", key, version)
@@ -201,12 +226,15 @@ class StateStore:
         value = _decode(key, model, data)
         return (0, None) if value is None else (int(version or 0), value)
 
-    async def _call(self, op: Awaitable[T]) -> T:
+    async def _call(self, op: Awaitable[T], *, writing: bool = False) -> T:
         try:
             return await op
         except (RedisConnectionError, RedisTimeoutError) as exc:
+            # A timeout or a dropped connection can come after Redis applied the write, so a
+            # caller that simply calls again may apply its change twice.
+            maybe = "; the write may have been applied" if writing else ""
             raise StateUnavailable(
-                f"state store: Redis at {_location(self.redis)} is unreachable: {exc}"
+                f"state store: Redis at {_location(self.redis)} is unreachable: {exc}{maybe}"
             ) from exc
 
 
