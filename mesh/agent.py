@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -28,6 +29,7 @@ from mesh.envelope import (
 )
 from mesh.membership import REDIS_DOWN, Membership
 from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord, Registry
+from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
 from mesh.transport import Transport
 
@@ -53,6 +55,36 @@ class RemoteError(RuntimeError):
 
 class AgentStopped(RuntimeError):
     """The agent stopped while a request was waiting for its reply."""
+
+
+GATEWAY_CAPABILITY = "gateway"
+"""The capability gateways register with (they answer ``ping`` only to their own id)."""
+
+CONTROL_COMMANDS = frozenset({"ping", "start_behaviour", "stop_behaviour", "shutdown"})
+
+
+@dataclass
+class _Awaited:
+    """Replies this instance waits for under one correlation id, and whom it asked."""
+
+    agent: str
+    replies: asyncio.Queue[Message | None] = field(default_factory=asyncio.Queue)
+    """``None`` when the agent stops."""
+    answered: set[tuple[str | None, str | None]] = field(default_factory=set)
+
+    def accepts(self, message: Message) -> bool:
+        """Whether ``message`` answers this: from the agent asked, or the gateway; once each.
+
+        A notice the gateway publishes itself (``Unroutable``, ``Denied``) carries no
+        ``x-mesh-user``: everything that passed the gateway on a sender's behalf does.
+        """
+        from_gateway = message.user_id is None and message.type is MessageType.ERROR
+        asked = self.agent in (topology.ALL_AGENTS, message.app_id)
+        sender = (message.app_id, message.instance)
+        if not (from_gateway or asked) or sender in self.answered:
+            return False
+        self.answered.add(sender)
+        return True
 
 
 class RPCBehaviour(Behaviour):
@@ -87,6 +119,10 @@ class Agent(Service):
     """Whether instances appear in the registry."""
     controllable: ClassVar[bool] = True
     """Whether instances answer control commands (ping, start/stop, shutdown)."""
+    control_commands: ClassVar[frozenset[str]] = CONTROL_COMMANDS
+    """The control commands instances accept over the mesh."""
+    broadcast_control: ClassVar[bool] = True
+    """Whether instances also take commands sent to every agent (``_all``)."""
 
     def __init__(
         self,
@@ -101,6 +137,7 @@ class Agent(Service):
         self.shutdown_timeout = self.settings.shutdown_timeout
         self.transport = Transport(self.settings, f"{self.id}/{self.instance}")
         self.dead_letters = DeadLetters(self.transport, self.id)
+        self.retries = Retries(self.transport)
         self.started_at = datetime.now(UTC)
         # One attempt per call, whatever the URL asks: each redis-py retry waits a timeout more,
         # and the callers retry themselves (heartbeats) or must know the call failed (state).
@@ -124,10 +161,10 @@ class Agent(Service):
         self._leaving = False
         self._stopping_task: asyncio.Task[None] | None = None
         self.behaviour_map: dict[str, Behaviour] = {}
-        self._pending: dict[str, asyncio.Future[Message]] = {}
-        self._collectors: dict[str, asyncio.Queue[Message]] = {}
+        self._awaited: dict[str, _Awaited] = {}
         self._inbox_channel: AbstractRobustChannel | None = None
         self._inbox: AbstractQueue | None = None
+        self._inbox_generation = 0
         super().__init__()
         for cls in self._behaviour_classes():
             behaviour = cls(self)
@@ -155,7 +192,11 @@ class Agent(Service):
         self._leaving = False
         self.started_at = datetime.now(UTC)
         await self.transport.connect()
-        await topology.declare_exchanges(self.transport.channel)
+        await topology.declare_exchanges(
+            self.transport.channel,
+            dead_letter_max_bytes=self.settings.dead_letter_max_bytes,
+            dead_letter_max_age=self.settings.dead_letter_max_age,
+        )
         await self._open_inbox()
         if self._state is not None:
             await self._state.try_restore()
@@ -178,9 +219,8 @@ class Agent(Service):
         await asyncio.gather(*self._membership_tasks, return_exceptions=True)
         if self.registered:
             await self._membership.leave()
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(AgentStopped(f"agent {self.id} stopped"))
+        for awaited in self._awaited.values():
+            awaited.replies.put_nowait(None)
         if self._inbox_channel is not None:
             try:
                 await self._inbox_channel.close()
@@ -194,16 +234,34 @@ class Agent(Service):
         self._inbox_channel = await self.transport.open_channel(
             prefetch=self.settings.prefetch, confirms=False
         )
+        self._inbox_channel.reopen_callbacks.add(self._reopen_inbox)
+        await self._declare_inbox(self._inbox_channel)
+
+    async def _declare_inbox(self, channel: AbstractRobustChannel) -> None:
         keys = [self.reply_to, topology.error_key(self.id, self.instance)]
         if self.controllable:
-            keys += [
-                topology.control_key(self.id, "*"),
-                topology.control_key(topology.ALL_AGENTS, "*"),
-            ]
-        self._inbox = await topology.declare_private_queue(
-            self._inbox_channel, topology.inbox_queue(self.id, self.instance), keys
-        )
-        await self._inbox.consume(self._on_inbox, no_ack=True)
+            keys.append(topology.control_key(self.id, "*"))
+            if self.broadcast_control:
+                keys.append(topology.control_key(topology.ALL_AGENTS, "*"))
+        self._inbox_generation += 1
+        name = topology.inbox_queue(self.id, self.instance, self._inbox_generation)
+        inbox = await topology.declare_inbox(channel, name, keys)
+        await inbox.consume(self._on_inbox, no_ack=True, robust=False)
+        self._inbox = inbox
+
+    async def _reopen_inbox(self, channel: AbstractRobustChannel | None) -> None:
+        # Called by aio-pika once the channel is back after a reconnect; its errors would
+        # otherwise be swallowed there.
+        try:
+            if channel is not None:
+                await self._declare_inbox(channel)
+        except Exception:
+            logger.exception(
+                "agent %s/%s: no inbox after reconnecting; replies and control commands "
+                "cannot reach this instance",
+                self.id,
+                self.instance,
+            )
 
     def behaviour_changed(self, behaviour: Behaviour) -> None:
         logger.debug("behaviour %s is %s", behaviour.name, behaviour.status)
@@ -332,18 +390,19 @@ class Agent(Service):
             reply_to=self.reply_to,
             expiration=timeout,
         )
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._pending[correlation] = future
+        awaited = self._awaited[correlation] = _Awaited(agent)
         try:
             await self.send(message, key)
-            reply = await asyncio.wait_for(future, timeout)
+            reply = await asyncio.wait_for(awaited.replies.get(), timeout)
         except TimeoutError:
             raise RequestTimeout(
                 f"no reply from {agent}.{operation} within {timeout:g}s "
                 f"(request {message.message_id}; is a gateway running?)"
             ) from None
         finally:
-            self._pending.pop(correlation, None)
+            del self._awaited[correlation]
+        if reply is None:
+            raise AgentStopped(f"agent {self.id} stopped while waiting for {agent}.{operation}")
         if reply.type is MessageType.ERROR:
             body = reply.payload if isinstance(reply.payload, dict) else {}
             raise RemoteError(
@@ -392,8 +451,7 @@ class Agent(Service):
         if expect is None:
             expect = await self._live_instances(agent)
         correlation = uuid.uuid4().hex
-        replies: asyncio.Queue[Message] = asyncio.Queue()
-        self._collectors[correlation] = replies
+        awaited = self._awaited[correlation] = _Awaited(agent)
         message = self._message(
             key,
             payload,
@@ -412,11 +470,14 @@ class Agent(Service):
                 if remaining <= 0:
                     break
                 try:
-                    collected.append(await asyncio.wait_for(replies.get(), remaining))
+                    reply = await asyncio.wait_for(awaited.replies.get(), remaining)
                 except TimeoutError:
                     break
+                if reply is None:
+                    break
+                collected.append(reply)
         finally:
-            self._collectors.pop(correlation, None)
+            del self._awaited[correlation]
         return collected
 
     async def _live_instances(self, agent: str) -> int | None:
@@ -427,13 +488,26 @@ class Agent(Service):
             )
         except (*REDIS_DOWN, ValueError):  # unreachable, or a record it cannot read
             return None
+        if agent == topology.ALL_AGENTS:  # gateways do not take commands sent to all
+            found = [i for i in found if GATEWAY_CAPABILITY not in i.capabilities]
         return len(found) or None
+
+    async def _gateway_ids(self) -> list[str]:
+        try:
+            found = await self.registry.instances(capability=GATEWAY_CAPABILITY)
+        except (*REDIS_DOWN, ValueError):
+            return ["gateway"]
+        return sorted({i.agent for i in found})
 
     async def ping(
         self, agent: str = topology.ALL_AGENTS, *, timeout: float = 1.0
     ) -> list[InstanceRecord]:
         """Ping every instance of ``agent`` (default: all agents); list who answered."""
-        answers = await self.control(agent, "ping", timeout=timeout)
+        targets = [agent]
+        if agent == topology.ALL_AGENTS:
+            targets += await self._gateway_ids()
+        rounds = await asyncio.gather(*(self.control(t, "ping", timeout=timeout) for t in targets))
+        answers = [answer for round_ in rounds for answer in round_]
         replies = []
         for answer in answers:
             try:
@@ -458,14 +532,20 @@ class Agent(Service):
 
     def _on_reply(self, message: Message) -> None:
         correlation = message.correlation_id or ""
-        future = self._pending.get(correlation)
-        if future is not None:
-            if not future.done():
-                future.set_result(message)
-            return
-        collector = self._collectors.get(correlation)
-        if collector is not None:
-            collector.put_nowait(message)
+        awaited = self._awaited.get(correlation)
+        if awaited is not None:
+            if awaited.accepts(message):
+                awaited.replies.put_nowait(message)
+            else:
+                logger.warning(
+                    "%s %s from %s/%s ignored: not from %s, or a second answer (correlation %s)",
+                    message.type,
+                    message.message_id,
+                    message.app_id,
+                    message.instance,
+                    awaited.agent,
+                    correlation,
+                )
             return
         if message.type is MessageType.ERROR and correlation == "":
             logger.warning("error notice from %s: %s", message.app_id, message.payload)
@@ -496,6 +576,11 @@ class Agent(Service):
             self._stopping_task = asyncio.get_running_loop().create_task(self._stop_process())
 
     async def _control_command(self, command: str, args: dict[str, Any]) -> Any:
+        if command not in self.control_commands:
+            raise ValueError(
+                f"agent {self.id} does not take control command {command!r} over the mesh "
+                f"(it takes: {', '.join(sorted(self.control_commands)) or 'none'})"
+            )
         if command == "ping":
             return self.describe().model_dump(mode="json")
         if command in ("start_behaviour", "stop_behaviour"):

@@ -24,6 +24,7 @@ from mesh import logcontext, topology
 from mesh.config import Settings
 from mesh.deadletter import DeadLetters
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
+from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
 from mesh.transport import PublishError, Transport, is_stale, settle
 
@@ -109,6 +110,8 @@ class Host(Protocol):
     @property
     def dead_letters(self) -> DeadLetters: ...
     @property
+    def retries(self) -> Retries: ...
+    @property
     def state_store(self) -> StateStore: ...
 
     async def publish(
@@ -158,8 +161,10 @@ class Behaviour:
     """Messages taken from the broker ahead of the handlers (the AMQP prefetch)."""
     max_deliveries: ClassVar[int | None] = None
     """Attempts before a failing message is dead-lettered; ``None``: the settings' value."""
+    retry_delays: ClassVar[tuple[float, ...] | None] = None
+    """Seconds before attempt 2, 3, … (the last repeats); ``None``: the settings' value."""
     broadcast: ClassVar[bool] = False
-    """Every instance gets every message (own exclusive queue) instead of sharing one."""
+    """Every instance gets every message (a queue of its own) instead of sharing one."""
     autostart: ClassVar[bool] = True
     state_model: ClassVar[type[BaseModel] | None] = None
     """The pydantic model of ``self.state``, kept in Redis per agent and behaviour."""
@@ -171,6 +176,10 @@ class Behaviour:
         topology.check_name("behaviour name", cls.name)
         if cls.max_concurrency < 1 or cls.mailbox_size < 1:
             raise ValueError(f"{cls.__name__}: max_concurrency and mailbox_size must be >= 1")
+        if cls.retry_delays is not None and (
+            not cls.retry_delays or min(cls.retry_delays) < 0.001
+        ):
+            raise ValueError(f"{cls.__name__}: retry_delays must be one or more delays >= 0.001 s")
 
     def __init__(self, agent: Host) -> None:
         self.agent = agent
@@ -181,6 +190,7 @@ class Behaviour:
         self._operations = {r.spec.operation: r for r in self.routes if r.spec.operation}
         self._task: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
+        self._ending = False
         self._lifecycle = asyncio.Lock()
         self._stop_code = 0
         self._consumer: _Consumer | None = None
@@ -239,10 +249,13 @@ class Behaviour:
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
         """Declare the queue the handlers consume, bound to ``binding_keys``."""
         if self.broadcast:
-            return await topology.declare_private_queue(channel, self.queue_name, self.binding_keys)
-        return await topology.declare_shared_queue(
-            channel, self.queue_name, self.binding_keys, self.delivery_limit
-        )
+            return await topology.declare_broadcast_queue(
+                channel,
+                self.queue_name,
+                self.binding_keys,
+                self.agent.settings.broadcast_queue_expires,
+            )
+        return await topology.declare_shared_queue(channel, self.queue_name, self.binding_keys)
 
     # --- what behaviours call -----------------------------------------------------
 
@@ -282,6 +295,8 @@ class Behaviour:
 
     def kill(self, exit_code: int = 0) -> None:
         """End the behaviour from inside (a handler or ``main``) with ``exit_code``."""
+        if self._ending:
+            return  # teardown has begun and runs to its end
         self._stop_code = exit_code
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -293,11 +308,18 @@ class Behaviour:
         async with self._lifecycle:
             if self._task is not None and not self._task.done():
                 return
+            # A teardown begun by the behaviour itself may still be closing its channel.
+            await self._finished_teardown()
             await self._start()
+
+    async def _finished_teardown(self) -> None:
+        if self._ending:
+            await self._finished.wait()
 
     async def _start(self) -> None:
         self.exit_code = None
         self._stop_code = 0
+        self._ending = False
         self._finished.clear()
         context = contextvars.copy_context()
         context.run(logcontext.agent_id.set, self.agent.id)
@@ -316,6 +338,7 @@ class Behaviour:
         """Stop: finish in-flight messages, requeue the rest, end ``main``; return the exit code."""
         task = self._task
         if task is None or task.done():
+            await self._finished_teardown()
             return self.exit_code
         if asyncio.current_task() is task or (
             self._consumer is not None and self._consumer.owns_current_task()
@@ -323,13 +346,15 @@ class Behaviour:
             self.kill(exit_code)
             return None  # stopping from inside: the rest happens when this task returns
         async with self._lifecycle:
-            self._stop_code = exit_code
-            task.cancel()
+            if not self._ending:
+                self._stop_code = exit_code
+                task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            if not self._finished.is_set():
+            if not self._ending:
                 # Cancelled before its first step, so _run never got to clean up.
                 self.exit_code = exit_code
                 await self._finish(BehaviourStatus.STOPPED)
+            await self._finished.wait()
         return self.exit_code
 
     async def wait(self) -> int | None:
@@ -352,6 +377,12 @@ class Behaviour:
         await self._finish(status)
 
     async def _finish(self, status: BehaviourStatus) -> None:
+        # Once begun, teardown runs to its end: kill() and stop() no longer cancel, and a
+        # cancellation from outside (the loop shutting down) waits for it too.
+        self._ending = True
+        await asyncio.shield(self._teardown(status))
+
+    async def _teardown(self, status: BehaviourStatus) -> None:
         try:
             if self._consumer is not None:
                 await self._consumer.stop()
@@ -381,6 +412,11 @@ class Behaviour:
     @property
     def delivery_limit(self) -> int:
         return self.max_deliveries or self.agent.settings.max_deliveries
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait before the attempt after ``attempt``."""
+        delays = self.retry_delays or self.agent.settings.retry_delays
+        return delays[min(attempt, len(delays)) - 1]
 
 
 class _Consumer:
@@ -556,18 +592,20 @@ class _Dispatch:
             await b.agent.reply(message, {"error": summary, "type": type(exc).__name__}, error=True)
             await settle(incoming.ack())
             return
-        attempt = message.delivery_count + 1
+        attempt = message.attempt
         if attempt < b.delivery_limit:
+            delay = b.retry_delay(attempt)
             logger.warning(
-                "%s.%s failed (attempt %d of %d), requeueing: %s",
+                "%s.%s failed (attempt %d of %d), retrying in %gs: %s",
                 b.name,
                 route.name,
                 attempt,
                 b.delivery_limit,
+                delay,
                 summary,
             )
-            # reject, not nack: RabbitMQ 4 counts only rejects towards the delivery limit.
-            await settle(incoming.reject(requeue=True))
+            await b.agent.retries.send(incoming, b.queue_name, attempt=attempt + 1, delay=delay)
+            await settle(incoming.ack())
             return
         frames = traceback.extract_tb(exc.__traceback__)[-3:]
         where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in frames)

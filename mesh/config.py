@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -34,11 +34,34 @@ class Settings(BaseModel):
     namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9_.:-]+$")
     prefetch: int = Field(default=100, ge=1, le=65535)
     max_deliveries: int = Field(default=5, ge=1)
+    """Handler attempts before a message is dead-lettered (a behaviour may say otherwise)."""
+    retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0)
+    """Seconds before attempt 2, 3, …; the last repeats (``MESH_RETRY_DELAYS=1,5,30``)."""
+    broadcast_queue_expires: float = Field(default=900.0, ge=1)
+    """Seconds a broadcast behaviour's queue outlives its departed instance."""
+    dead_letter_max_bytes: int = Field(default=1_000_000_000, ge=1_000_000)
+    """Size ``mesh.dead`` keeps; the oldest dead letters go first."""
+    dead_letter_max_age: str = Field(default="7D", pattern=r"^[0-9]+[YMDhms]$")
+    """Age after which dead letters go (RabbitMQ's ``x-max-age``: ``7D``, ``12h`` …)."""
     publish_timeout: float = Field(default=30.0, gt=0)
     request_timeout: float = Field(default=5.0, gt=0)
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_ttl: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _positive_delays(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(delay < 0.001 for delay in value):
+            raise ValueError("give one or more delays, each at least 0.001 seconds")
+        return value
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

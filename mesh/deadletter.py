@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from mesh import topology
 from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_USER, forwarded
-from mesh.transport import Transport
+from mesh.transport import Transport, settle
 
 logger = logging.getLogger(__name__)
 
@@ -51,3 +52,51 @@ class DeadLetters:
             topology.DEAD_LETTER_EXCHANGE, incoming.routing_key or "", copy
         )
         logger.info("dead-lettered %s from %s: %s", incoming.message_id, queue, reason)
+
+
+class DeadLetterStream:
+    """Reads ``mesh.dead`` from an offset without taking anything out of it.
+
+    ``mesh.dead`` is a stream: every reader sees every dead letter still retained, and
+    each delivery names its position in ``x-stream-offset``.  Use as an async context
+    manager on a channel of its own (a stream consumer needs the channel's prefetch).
+    """
+
+    def __init__(
+        self, channel: AbstractChannel, offset: int | str = "first", *, prefetch: int = 100
+    ) -> None:
+        self.channel = channel
+        self.offset = offset
+        self.prefetch = prefetch
+        self._received: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def __aenter__(self) -> DeadLetterStream:
+        await self.channel.set_qos(prefetch_count=self.prefetch)
+        self._queue = await self.channel.get_queue(topology.DEAD_LETTER_QUEUE, ensure=False)
+        self._tag = await self._queue.consume(
+            self._receive, arguments={"x-stream-offset": self.offset}
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._queue is not None and self._tag is not None:
+            await settle(self._queue.cancel(self._tag))
+
+    async def _receive(self, incoming: AbstractIncomingMessage) -> None:
+        # On a stream an ack only grants credit for more; the dead letter stays.
+        await incoming.ack()
+        self._received.put_nowait(incoming)
+
+    async def next(self, timeout: float) -> AbstractIncomingMessage:
+        """The next dead letter; ``TimeoutError`` if none comes within ``timeout`` seconds."""
+        return await asyncio.wait_for(self._received.get(), timeout)
+
+
+def stream_offset(dead_letter: AbstractIncomingMessage) -> int:
+    """A dead letter's position in ``mesh.dead``."""
+    offset = (dead_letter.headers or {}).get("x-stream-offset")
+    if not isinstance(offset, int):
+        raise ValueError(f"message {dead_letter.message_id} was not read from a stream")
+    return offset

@@ -29,9 +29,10 @@ H_REASON = "x-mesh-reason"
 H_DELIVERY_COUNT = "x-delivery-count"
 H_QUEUE = "x-mesh-queue"
 H_DEAD_BY = "x-mesh-dead-by"
+H_ATTEMPT = "x-mesh-attempt"
 
 RESERVED_HEADERS = frozenset(
-    {H_USER, H_AUDIT, H_REDACTED, H_REASON, H_DELIVERY_COUNT, H_QUEUE, H_DEAD_BY}
+    {H_USER, H_AUDIT, H_REDACTED, H_REASON, H_DELIVERY_COUNT, H_QUEUE, H_DEAD_BY, H_ATTEMPT}
 )
 """Set by the gateway or the broker; a sender's values are dropped at the gateway."""
 
@@ -83,7 +84,10 @@ class Message(BaseModel):
     headers: dict[str, Any] = Field(default_factory=dict)
     """Headers other than the mesh's own."""
     delivery_count: int = 0
-    """How many times the broker delivered this message before (0 on the first delivery)."""
+    """How many times the broker delivered this message before (0 on the first delivery);
+    hand-backs on stop and reconnects count too, so it is no measure of failures."""
+    attempt: int = 1
+    """Which attempt at handling this message this is: 1, then one more per handler failure."""
 
 
 def encode_body(payload: Any) -> bytes:
@@ -163,6 +167,7 @@ def from_amqp(incoming: AbstractIncomingMessage) -> Message:
     raw_headers = incoming.headers or {}
     headers = {k: v for k, v in raw_headers.items() if k not in _KNOWN_HEADERS}
     delivery_count = headers.pop(H_DELIVERY_COUNT, 0)
+    attempt = headers.pop(H_ATTEMPT, 1)
     try:
         kind = MessageType(incoming.type or MessageType.EVENT)
     except ValueError:
@@ -190,6 +195,7 @@ def from_amqp(incoming: AbstractIncomingMessage) -> Message:
         else (),
         headers=headers,
         delivery_count=int(delivery_count) if isinstance(delivery_count, int) else 0,
+        attempt=attempt if isinstance(attempt, int) and attempt > 0 else 1,
     )
 
 

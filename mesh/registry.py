@@ -61,7 +61,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from mesh.topology import TopicError, check_name, check_pattern, matches
+from mesh.topology import TopicError, check_binding, check_name, matches
 
 __all__ = ["AgentRecord", "BehaviourRecord", "InstanceRecord", "Registry"]
 
@@ -370,7 +370,7 @@ class Registry:
         Call it again whenever the record changes (a behaviour starts, stops or fails).
         """
         member = self._member(record.agent, record.instance)
-        patterns = sorted({check_pattern(p) for b in record.behaviours for p in b.binding_keys})
+        patterns = sorted({check_binding(p) for b in record.behaviours for p in b.binding_keys})
         for cap in record.capabilities:
             if not cap:
                 raise ValueError(f"instance {member}: capabilities must not be empty strings")

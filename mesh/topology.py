@@ -1,6 +1,6 @@
 """Names of the mesh's exchanges, queues and routing keys, and their declarations.
 
-The names are part of the public contract (see DESIGN.md); everything that builds one
+The names are part of the public contract (see docs/architecture.md); everything that builds one
 goes through this module.
 """
 
@@ -13,7 +13,13 @@ from itertools import accumulate
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustQueue,
+)
 from aio_pika.exceptions import ChannelPreconditionFailed
 
 POLICY_EXCHANGE = "mesh.policy"
@@ -21,6 +27,17 @@ TOPIC_EXCHANGE = "mesh.topic"
 GATEWAY_QUEUE = "mesh.gateway"
 DEAD_LETTER_EXCHANGE = "mesh.dlx"
 DEAD_LETTER_QUEUE = "mesh.dead"
+RETRY_EXCHANGE = "mesh.retry"
+REQUEUE_EXCHANGE = "mesh.requeue"
+
+BACKSTOP_DELIVERIES = 100
+"""The broker's own delivery limit on behaviour queues: far above any ``max_deliveries``.
+
+Before RabbitMQ 4.3 every hand-back (a nack on stop, a closed channel) raises a quorum
+queue's delivery count, so it cannot count failures; the mesh counts those itself
+(``x-mesh-attempt``).  This limit only catches a message that keeps killing its consumer
+before the consumer can settle it.
+"""
 
 ALL_AGENTS = "_all"
 """Agent id that control commands use to address every agent at once."""
@@ -75,6 +92,16 @@ def check_topic(topic: str) -> str:
 
 
 def check_pattern(pattern: str) -> str:
+    """Return ``pattern`` if a user may bind it (words, ``*`` and ``#``; no ``_`` prefix)."""
+    if pattern.startswith("_"):
+        raise TopicError(
+            f"invalid pattern {pattern!r}: routing keys starting with '_' belong to the mesh "
+            "(requests, replies, control); use @rpc for requests"
+        )
+    return check_binding(pattern)
+
+
+def check_binding(pattern: str) -> str:
     """Return ``pattern`` if it is a valid binding key (words, ``*`` and ``#``)."""
     if not pattern or len(pattern) > 255:
         raise TopicError(f"invalid pattern {pattern!r}: must be 1 to 255 bytes")
@@ -113,14 +140,29 @@ def behaviour_queue(agent: str, behaviour: str) -> str:
     return f"mesh.q.{agent}.{behaviour}"
 
 
-def inbox_queue(agent: str, instance: str) -> str:
-    """The exclusive queue of one agent instance: replies, errors and control."""
-    return f"mesh.i.{agent}.{instance}"
+def inbox_queue(agent: str, instance: str, connection: int) -> str:
+    """The exclusive queue of one agent instance on one connection: replies, errors, control.
+
+    Each connection gets a name of its own: after a network cut the broker may hold the
+    old connection (and its exclusive queue) until its heartbeat times out, and the new
+    connection must not wait for that.  ``_`` keeps it apart from behaviour names.
+    """
+    return f"mesh.i.{agent}.{instance}._inbox-{connection}"
 
 
 def broadcast_queue(agent: str, instance: str, behaviour: str) -> str:
-    """The exclusive queue of a broadcast-mode behaviour in one instance."""
+    """The queue of a broadcast-mode behaviour in one instance."""
     return f"mesh.i.{agent}.{instance}.{behaviour}"
+
+
+def retry_queue(delay_ms: int) -> str:
+    """The queue that holds retried messages for ``delay_ms`` before they go back."""
+    return f"mesh.retry.{delay_ms}"
+
+
+def retry_key(delay_ms: int, queue: str) -> str:
+    """Routing key on ``mesh.retry``: which delay, and which queue the message returns to."""
+    return f"{delay_ms}.{queue}"
 
 
 def request_key(agent: str, operation: str) -> str:
@@ -147,56 +189,99 @@ def is_request(routing_key: str) -> bool:
     return routing_key.startswith("_req.")
 
 
-async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExchange]:
-    """Declare the mesh's three exchanges and the gateway and dead-letter queues (idempotent)."""
-    policy = await channel.declare_exchange(
-        POLICY_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    topic = await channel.declare_exchange(
-        TOPIC_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    dlx = await channel.declare_exchange(
-        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-    )
+async def declare_exchanges(
+    channel: AbstractChannel,
+    *,
+    dead_letter_max_bytes: int = 1_000_000_000,
+    dead_letter_max_age: str = "7D",
+) -> dict[str, AbstractExchange]:
+    """Declare the mesh's exchanges, the gateway queue and the dead-letter stream (idempotent)."""
+    exchanges = {
+        name: await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+        for name in (
+            POLICY_EXCHANGE,
+            TOPIC_EXCHANGE,
+            DEAD_LETTER_EXCHANGE,
+            RETRY_EXCHANGE,
+            REQUEUE_EXCHANGE,
+        )
+    }
     gateway = await declare_gateway_queue(channel)
-    await gateway.bind(policy, "#")
-    dead = await _declare_queue(
-        channel, DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    await gateway.bind(exchanges[POLICY_EXCHANGE], "#")
+    dead = await declare_dead_letter_stream(channel, dead_letter_max_bytes, dead_letter_max_age)
+    await dead.bind(exchanges[DEAD_LETTER_EXCHANGE], "#")
+    return exchanges
+
+
+async def declare_dead_letter_stream(
+    channel: AbstractChannel, max_bytes: int, max_age: str
+) -> AbstractQueue:
+    """``mesh.dead``: a stream, so it is bounded by size and age and read by offset.
+
+    A stream keeps what it holds for every reader (listing, showing and redriving a dead
+    letter never consumes it) and drops its oldest segments past ``max_bytes`` or
+    ``max_age``, so a broken agent cannot fill the broker's disk.
+    """
+    segment = max(min(max_bytes // 10, 100_000_000), 100_000)
+    return await _declare_queue(
+        channel,
+        DEAD_LETTER_QUEUE,
+        durable=True,
+        arguments={
+            "x-queue-type": "stream",
+            "x-max-length-bytes": max_bytes,
+            "x-max-age": max_age,
+            "x-stream-max-segment-size-bytes": segment,
+        },
     )
-    await dead.bind(dlx, "#")
-    return {POLICY_EXCHANGE: policy, TOPIC_EXCHANGE: topic, DEAD_LETTER_EXCHANGE: dlx}
 
 
 async def declare_gateway_queue(channel: AbstractChannel) -> AbstractQueue:
     """The queue gateway replicas compete on (declared, so a robust channel restores it)."""
-    return await _declare_queue(channel, GATEWAY_QUEUE, durable=True, arguments=_quorum_args())
+    return await _declare_queue(
+        channel,
+        GATEWAY_QUEUE,
+        durable=True,
+        arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+    )
 
 
-def _quorum_args(delivery_limit: int | None = None) -> dict[str, Any]:
-    args: dict[str, Any] = {
+def _behaviour_queue_args() -> dict[str, Any]:
+    return {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-delivery-limit": BACKSTOP_DELIVERIES,
     }
-    if delivery_limit is not None:
-        args["x-delivery-limit"] = delivery_limit
-    return args
+
+
+async def _bind(queue: AbstractQueue, patterns: list[str]) -> AbstractQueue:
+    for pattern in patterns:
+        await queue.bind(TOPIC_EXCHANGE, pattern)
+    # Retried messages come back by the queue's own name (see declare_retry_queue).
+    await queue.bind(REQUEUE_EXCHANGE, f"*.{queue.name}")
+    return queue
 
 
 async def declare_shared_queue(
-    channel: AbstractChannel, name: str, patterns: list[str], max_deliveries: int
+    channel: AbstractChannel, name: str, patterns: list[str]
 ) -> AbstractQueue:
-    """Declare a behaviour's quorum queue bound to ``mesh.topic`` with ``patterns``.
+    """Declare a behaviour's quorum queue, shared by the agent's replicas, bound to ``patterns``."""
+    queue = await _declare_queue(channel, name, durable=True, arguments=_behaviour_queue_args())
+    return await _bind(queue, patterns)
 
-    The broker's delivery limit sits one above ``max_deliveries``: the behaviour
-    dead-letters with a reason at ``max_deliveries``; the broker's limit only catches a
-    message that keeps killing its consumer before it can be handled.
+
+async def declare_broadcast_queue(
+    channel: AbstractChannel, name: str, patterns: list[str], expires: float
+) -> AbstractQueue:
+    """Declare one instance's queue for a broadcast-mode behaviour.
+
+    Not exclusive and not auto-delete: stopping the behaviour or losing the connection
+    must not delete what it was delivered.  The broker deletes it once nothing used it
+    for ``expires`` seconds (its instance is gone).
     """
-    queue = await _declare_queue(
-        channel, name, durable=True, arguments=_quorum_args(delivery_limit=max_deliveries + 1)
-    )
-    for pattern in patterns:
-        await queue.bind(TOPIC_EXCHANGE, pattern)
-    return queue
+    arguments = _behaviour_queue_args() | {"x-expires": int(expires * 1000)}
+    queue = await _declare_queue(channel, name, durable=True, arguments=arguments)
+    return await _bind(queue, patterns)
 
 
 async def declare_request_queue(
@@ -207,30 +292,52 @@ async def declare_request_queue(
     Requests are short-lived: each expires with its caller's timeout, and a failing
     handler answers instead of being retried.  Keeping them in a replicated log would buy
     nothing after a broker crash (the caller has given up by then) and costs a Raft commit
-    on the round trip.
+    on the round trip.  No dead-letter exchange: an expired request is not a dead letter
+    (its caller already got a timeout), so the broker drops it.
     """
     queue = await _declare_queue(
-        channel,
-        name,
-        durable=True,
-        arguments={"x-queue-type": "classic", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+        channel, name, durable=True, arguments={"x-queue-type": "classic"}
     )
     for pattern in patterns:
         await queue.bind(TOPIC_EXCHANGE, pattern)
     return queue
 
 
-async def declare_private_queue(
-    channel: AbstractChannel, name: str, patterns: list[str]
-) -> AbstractQueue:
-    """Declare an instance's exclusive, auto-delete queue bound to ``mesh.topic``."""
+async def declare_inbox(
+    channel: AbstractRobustChannel, name: str, patterns: list[str]
+) -> AbstractRobustQueue:
+    """Declare an instance's exclusive inbox bound to ``mesh.topic``.
+
+    Not restored by the robust channel: a new connection gets a new inbox (see
+    ``inbox_queue``).  Replies and control commands expire with their sender's timeout;
+    an expired one is dropped, not dead-lettered.
+    """
+    queue = await channel.declare_queue(name, exclusive=True, auto_delete=True, robust=False)
+    for pattern in patterns:
+        await queue.bind(TOPIC_EXCHANGE, pattern, robust=False)
+    return queue
+
+
+async def declare_retry_queue(channel: AbstractChannel, delay_ms: int) -> AbstractQueue:
+    """Declare the queue that holds retried messages for ``delay_ms`` milliseconds.
+
+    A retried message is published to ``mesh.retry`` with the key ``<delay>.<queue>``;
+    it waits here until its TTL runs out, and the broker dead-letters it to
+    ``mesh.requeue`` under the same key, where its behaviour queue is bound by name.
+    Dead-lettering is at-least-once (the broker keeps the message until the behaviour
+    queue confirmed it), so a broker failure mid-way duplicates rather than loses it.
+    """
     queue = await _declare_queue(
         channel,
-        name,
-        exclusive=True,
-        auto_delete=True,
-        arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+        retry_queue(delay_ms),
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-message-ttl": delay_ms,
+            "x-dead-letter-exchange": REQUEUE_EXCHANGE,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
     )
-    for pattern in patterns:
-        await queue.bind(TOPIC_EXCHANGE, pattern)
+    await queue.bind(RETRY_EXCHANGE, f"{delay_ms}.#")
     return queue

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from aio_pika.abc import (
 
 from behaviours import SubscriberBehaviour
 from mesh import Agent, Behaviour, Message, Settings, on, topology
+from mesh.deadletter import DeadLetterStream
 from mesh.devservices import BrokerAdmin
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,6 +78,11 @@ def drain(queue: asyncio.Queue[Any]) -> list[Any]:
     return items
 
 
+def mesh_id(incoming: AbstractIncomingMessage) -> str:
+    """The sender's message id of a delivered copy."""
+    return str((incoming.headers or {}).get("x-mesh-id") or incoming.message_id)
+
+
 def vhost_of(settings: Settings) -> str:
     return unquote(urlsplit(settings.amqp_url).path[1:]) or "/"
 
@@ -90,6 +97,7 @@ class Peek:
     def __init__(self, connection: AbstractConnection) -> None:
         self.connection = connection
         self.channel: AbstractChannel | None = None
+        self._dead: DeadLetterStream | None = None
 
     async def _channel(self) -> AbstractChannel:
         if self.channel is None or self.channel.is_closed:
@@ -122,12 +130,31 @@ class Peek:
         self, message_id: str | None = None, timeout: float = 15.0
     ) -> AbstractIncomingMessage:
         """The next dead letter; it must be ``message_id``'s when one is given."""
-        queue = await (await self._channel()).get_queue(topology.DEAD_LETTER_QUEUE)
-        dead = await self.get(queue, timeout)
-        assert message_id in (None, dead.message_id), (
+        if self._dead is None:
+            self._dead = DeadLetterStream(await self.connection.channel())
+            await self._dead.__aenter__()
+        try:
+            dead = await self._dead.next(timeout)
+        except TimeoutError:
+            raise AssertionError(f"no dead letter within {timeout}s") from None
+        assert message_id in (None, mesh_id(dead)), (
             f"unexpected dead letter {dead.routing_key} {dead.headers}"
         )
         return dead
+
+    async def dead_letters_through_marker(self) -> list[AbstractIncomingMessage]:
+        """Every dead letter not read yet, up to a marker this sends to ``mesh.dlx`` now.
+
+        What a test expects *not* to be dead-lettered it checks against this list: the
+        marker arriving proves everything dead-lettered before it has arrived too.
+        """
+        marker = f"marker-{uuid.uuid4().hex}"
+        exchange = await (await self._channel()).get_exchange(topology.DEAD_LETTER_EXCHANGE)
+        await exchange.publish(aio_pika.Message(b"{}", message_id=marker), "marker")
+        seen = []
+        while not seen or mesh_id(seen[-1]) != marker:
+            seen.append(await self.dead_letter())
+        return seen[:-1]
 
     async def is_empty(self, queue: str) -> bool:
         return await self.depth(queue) == 0

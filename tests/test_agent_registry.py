@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from agents_registry import SLEEPER_TOPIC, Sleeper, mesh_cli, mesh_run
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from helpers import eventually, free_port, running
 from pydantic import BaseModel
 
@@ -23,6 +24,7 @@ from behaviours import OneShotBehaviour, SubscriberBehaviour
 from mesh import (
     Agent,
     AgentRecord,
+    Behaviour,
     BehaviourRecord,
     InstanceRecord,
     Message,
@@ -31,7 +33,9 @@ from mesh import (
     TopicError,
     on,
     rpc,
+    topology,
 )
+from mesh.envelope import from_amqp
 from mesh.gateway import Gateway
 from mesh.membership import REDIS_DOWN
 from mesh.registry import Registry
@@ -427,12 +431,21 @@ async def test_discover_by_capability_and_topic(settings: Settings) -> None:
 # --- registry events -----------------------------------------------------------------------
 
 
-class RegistryWatch(SubscriberBehaviour):
-    @on("_registry.#")
-    async def event(self, msg: Message, payload: object) -> None:
+class RegistryWatch(Behaviour):
+    """Takes the mesh's own ``_registry.*`` events, which no ``@on`` pattern may bind."""
+
+    @property
+    def consumes(self) -> bool:
+        return True
+
+    async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        return await topology.declare_shared_queue(channel, self.queue_name, ["_registry.#"])
+
+    async def handle_delivery(self, incoming: AbstractIncomingMessage) -> None:
         agent = self.agent
         assert isinstance(agent, Observer)
-        agent.events.put_nowait(msg)
+        agent.events.put_nowait(from_amqp(incoming))
+        await incoming.ack()
 
 
 class Observer(Agent):

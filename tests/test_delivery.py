@@ -36,11 +36,12 @@ class Flaky(SubscriberBehaviour):
     """Fails the first two deliveries of a message, succeeds on the third."""
 
     attempts = 0
+    retry_delays = (0.05, 0.1)
 
     @on("flaky.item")
     async def item(self, msg: Message, payload: object) -> None:
         self.attempts += 1
-        host(self).seen.put_nowait(msg.delivery_count)
+        host(self).seen.put_nowait(msg.attempt)
         if self.attempts < 3:
             raise RuntimeError(f"attempt {self.attempts} fails")
 
@@ -48,9 +49,11 @@ class Flaky(SubscriberBehaviour):
 class Broken(SubscriberBehaviour):
     """Always fails."""
 
+    retry_delays = (0.02, 0.05)
+
     @on("broken.item")
     async def explode(self, msg: Message, payload: object) -> None:
-        host(self).seen.put_nowait(msg.delivery_count)
+        host(self).seen.put_nowait(msg.attempt)
         raise ValueError("cannot handle this item")
 
 
@@ -89,12 +92,12 @@ async def test_ack_only_after_handler_returns(settings: Settings, admin: BrokerA
 
 
 async def test_exception_requeues_until_the_handler_succeeds(settings: Settings) -> None:
-    """A raising handler gets the message again, delivery_count counting up; the 3rd try acks."""
+    """A raising handler gets the message again, its attempt counting up; the 3rd try acks."""
     queue = topology.behaviour_queue("sub", Flaky.name)
     sub = subscriber(settings, Flaky)
     async with running(Gateway(settings=settings), sub), peek(settings) as broker:
         await sub.publish("flaky.item", {"n": 1})
-        assert await take(sub.seen, 3) == [0, 1, 2]
+        assert await take(sub.seen, 3) == [1, 2, 3]
         await sub.stop()
         assert await broker.depth(queue) == 0
         assert drain(sub.seen) == []
@@ -116,7 +119,7 @@ async def test_always_failing_message_is_dead_lettered_after_max_deliveries(
         assert f"handler {behaviour.name}.explode failed {limit} times" in reason
         assert "ValueError: cannot handle this item" in reason
         assert dead.headers["x-mesh-queue"] == queue
-        assert drain(sub.seen) == list(range(limit))
+        assert drain(sub.seen) == list(range(1, limit + 1))
         assert await broker.depth(queue) == 0
 
 

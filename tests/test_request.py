@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from agents_core import Recorder, broker, recorder
+from agents_reliability import peek
 from helpers import eventually, running
 from pydantic import BaseModel
 
@@ -167,7 +168,7 @@ async def test_timeout_and_late_reply(
             ),
             timeout=5,
         )
-        assert not caller._pending  # nothing left waiting
+        assert not caller._awaited  # nothing left waiting
 
         answer = await caller.request("calc", "add", Question(a=1, b=2), model=Answer)
         assert answer.total == 3
@@ -207,7 +208,7 @@ async def test_invalid_payload_gives_invalid_request(settings: Settings) -> None
     with the validation error; the handler never runs."""
     calc = Calculator("calc", settings=settings)
     caller = Agent("caller", settings=settings)
-    async with running(Gateway(settings=settings), calc, caller), broker(settings) as amqp:
+    async with running(Gateway(settings=settings), calc, caller), peek(settings) as amqp:
         with pytest.raises(RemoteError) as caught:
             await caller.request("calc", "add", {"a": "not a number"})
         assert caught.value.error_type == "InvalidRequest"
@@ -215,8 +216,7 @@ async def test_invalid_payload_gives_invalid_request(settings: Settings) -> None
         assert calc.counts["add"] == 0
 
         # The reply goes out before the dead letter: wait for the latter.
-        dead = await amqp.channel.declare_queue("mesh.dead", passive=True)
-        incoming = await eventually(lambda: dead.get(no_ack=True, fail=False), timeout=5)
+        incoming = await amqp.dead_letter()
         assert incoming.routing_key == "_req.calc.add"
         reason = str((incoming.headers or {}).get("x-mesh-reason"))
         assert "does not match Question" in reason

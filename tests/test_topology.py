@@ -180,9 +180,9 @@ def test_check_name_names_the_problem(name: str) -> None:
 
 
 def test_routing_keys_follow_the_contract() -> None:
-    """The mesh's own names and routing keys are those DESIGN.md lists."""
+    """The mesh's own names and routing keys are those docs/architecture.md lists."""
     assert topology.behaviour_queue("v7", "watch") == "mesh.q.v7.watch"
-    assert topology.inbox_queue("v7", "i1") == "mesh.i.v7.i1"
+    assert topology.inbox_queue("v7", "i1", 2) == "mesh.i.v7.i1._inbox-2"
     assert topology.request_key("v7", "status") == "_req.v7.status"
     assert topology.reply_key("v7", "i1") == "_reply.v7.i1"
     assert topology.error_key("v7", "i1") == "_err.v7.i1"

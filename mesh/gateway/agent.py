@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.agent import Agent
+from mesh.agent import GATEWAY_CAPABILITY, Agent
 from mesh.gateway.audit import Audit
 from mesh.gateway.authenticate import Authenticate
 from mesh.gateway.decode import Decode
+from mesh.gateway.guard import Guard
 from mesh.gateway.pipeline import Pipeline, Stage
 from mesh.gateway.relay import Relay
 
 
-def default_stages() -> list[Stage]:
-    return [Decode(), Authenticate(), Audit()]
+def default_stages(gateway: str = "gateway") -> list[Stage]:
+    return [Decode(), Guard(gateway), Authenticate(), Audit()]
 
 
 class Gateway(Agent):
     """Run with ``mesh gateway``; start as many replicas as the load needs."""
 
-    capabilities = ["gateway"]
+    capabilities = [GATEWAY_CAPABILITY]
     behaviours = [Relay]
+    control_commands = frozenset({"ping"})
+    broadcast_control = False
 
     def __init__(
         self, id: str = "gateway", *, stages: list[Stage] | None = None, **kwargs: Any
@@ -28,4 +31,4 @@ class Gateway(Agent):
         super().__init__(id, **kwargs)
         relay = self.behaviour_map[Relay.name]
         assert isinstance(relay, Relay)
-        relay.pipeline = Pipeline(default_stages() if stages is None else stages)
+        relay.pipeline = Pipeline(default_stages(self.id) if stages is None else stages)

@@ -1,0 +1,54 @@
+"""Retries: a message whose handler failed waits in a delay queue, then returns to its queue.
+
+The copy goes to ``mesh.retry`` (never back through ``mesh.policy``, which would deliver
+it to every subscriber again) and comes back to the one queue it failed in; see
+``topology.declare_retry_queue``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from mesh import topology
+from mesh.envelope import H_ATTEMPT, forwarded
+from mesh.transport import Transport, Unroutable
+
+logger = logging.getLogger(__name__)
+
+
+class Retries:
+    """Sends retry copies for one agent instance.
+
+    The attempt number travels in ``x-mesh-attempt``: the mesh counts handler failures
+    itself, since the broker's delivery count also counts hand-backs and reconnects.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self._declared: set[int] = set()
+
+    async def send(
+        self, incoming: AbstractIncomingMessage, queue: str, *, attempt: int, delay: float
+    ) -> None:
+        """Publish the copy that returns to ``queue`` as ``attempt`` after ``delay`` seconds."""
+        delay_ms = max(1, round(delay * 1000))
+        headers = dict(incoming.headers or {})
+        headers[H_ATTEMPT] = attempt
+        copy = forwarded(incoming, headers, expiring=False)
+        key = topology.retry_key(delay_ms, queue)
+        await self._declare(delay_ms)
+        try:
+            await self.transport.publish(topology.RETRY_EXCHANGE, key, copy, mandatory=True)
+        except Unroutable:
+            # Someone deleted the delay queue since this instance declared it.
+            self._declared.discard(delay_ms)
+            await self._declare(delay_ms)
+            await self.transport.publish(topology.RETRY_EXCHANGE, key, copy, mandatory=True)
+        logger.debug("retry of %s to %s in %d ms", incoming.message_id, queue, delay_ms)
+
+    async def _declare(self, delay_ms: int) -> None:
+        if delay_ms not in self._declared:
+            await topology.declare_retry_queue(self.transport.channel, delay_ms)
+            self._declared.add(delay_ms)
