@@ -12,7 +12,7 @@ import logging
 from aio_pika.abc import AbstractIncomingMessage
 
 from mesh import topology
-from mesh.envelope import H_ATTEMPT, forwarded
+from mesh.envelope import H_ATTEMPT, H_DELIVERY_COUNT, forwarded
 from mesh.transport import Transport, Unroutable
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class Retries:
     ) -> None:
         """Publish the copy that returns to ``queue`` as ``attempt`` after ``delay`` seconds."""
         delay_ms = max(1, round(delay * 1000))
-        headers = dict(incoming.headers or {})
+        # The broker's count belongs to the delivery that failed, not to the new copy.
+        headers = {k: v for k, v in (incoming.headers or {}).items() if k != H_DELIVERY_COUNT}
         headers[H_ATTEMPT] = attempt
         copy = forwarded(incoming, headers, expiring=False)
         key = topology.retry_key(delay_ms, queue)
