@@ -306,10 +306,10 @@ class Behaviour:
     async def start(self) -> None:
         """Start the behaviour (again, if it ended before)."""
         async with self._lifecycle:
-            if self._task is not None and not self._task.done():
-                return
             # A teardown begun by the behaviour itself may still be closing its channel.
             await self._finished_teardown()
+            if self._task is not None and not self._finished.is_set():
+                return  # running
             await self._start()
 
     async def _finished_teardown(self) -> None:

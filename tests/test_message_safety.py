@@ -454,3 +454,24 @@ async def test_reading_dead_letters_does_not_consume_them(settings: Settings) ->
                 await channel.close()
     assert [mesh_id(dead) for dead in reads] == [message_id, message_id]
     assert deadletter.stream_offset(reads[0]) == deadletter.stream_offset(reads[1])
+
+
+async def test_start_during_teardown_starts_again_once_teardown_ended(
+    settings: Settings, admin: BrokerAdmin
+) -> None:
+    """``start()`` while the behaviour is tearing itself down waits for the teardown, then
+    starts it again: it does not return early as if it were still running."""
+    agent = TeardownLab("lab", settings=settings)
+    async with running(Gateway(settings=settings), agent):
+        behaviour = agent.behaviour("blocked_teardown")
+        agent.events["end_main"].set()
+        await asyncio.wait_for(agent.events["teardown_begun"].wait(), 5)
+        starting = asyncio.create_task(behaviour.start())
+        await eventually(lambda: consumers_are(admin, settings, behaviour.queue_name, 0))
+        assert not starting.done(), "start() returned while teardown() was still blocked"
+
+        agent.events["end_main"].clear()
+        agent.events["release_teardown"].set()
+        await asyncio.wait_for(starting, 5)
+        assert behaviour.status is BehaviourStatus.RUNNING
+        await eventually(lambda: consumers_are(admin, settings, behaviour.queue_name, 1))
