@@ -1,16 +1,18 @@
-"""The AMQP transport: one robust connection, a confirming publisher, consumer channels."""
+"""The AMQP transport: robust connections, a confirming publisher, consumer channels."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable
+from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -30,6 +32,30 @@ logger = logging.getLogger(__name__)
 # Failures after which the message may not have reached the broker but the connection
 # will come back: wait for the robust connection, then publish again.
 _RETRYABLE = (AMQPConnectionError, ChannelInvalidStateError, ConnectionError)
+
+# Publishing and a refusal, as aio-pika 10.2.1 / aiormq 7.2.4 handle it.  For a refused
+# publish (404 no such exchange, 403 no write permission …) RabbitMQ closes the channel
+# (Channel.Close), and then:
+#  1. every confirm pending on that channel fails with the same error, whichever message
+#     caused it (aiormq Channel._on_close_frame raises it; Base.close rejects the
+#     channel's futures with it, FutureStore.reject_all);
+#  2. aiormq queues its close-ok at once (Channel._on_close_frame) but reports the channel
+#     closed (is_closed) only some loop turns later, and its publish lock checks only
+#     is_closed (Channel.lock): a publish in between follows the close-ok;
+#  3. aiormq frees the channel number on reading the Channel.Close (Connection.__reader),
+#     before its close-ok is queued, and drops the close-ok when the connection's write
+#     queue (10 frames) is full (put_nowait under suppress(QueueFull)): a channel opened
+#     then can take the number while the broker still waits for that close-ok;
+#  4. aio-pika's RobustChannel reopens itself (RobustChannel._on_close -> restore ->
+#     reopen), a new aiormq channel behind the same object.
+# For a frame after a channel's close-ok (2) or a Channel.Open before it (3) RabbitMQ
+# closes the whole connection (504 CHANNEL_ERROR "expected 'channel.open'", "second
+# 'channel.open' seen"), consumers and all.  Hence publishing has a connection of its own,
+# where nothing but ``Transport.publish`` queues frames or opens channels: the shared
+# channel and the probe have fixed numbers, each reopened only after its own close-ok was
+# queued; publishes on the shared channel leave half the write queue free, so a close-ok
+# finds room; and a publish is only sent on a channel that is not closing (see
+# ``Transport._writable``).
 
 
 async def settle(operation: Awaitable[Any]) -> None:
@@ -64,12 +90,14 @@ class Unroutable(PublishError):
 
 
 class Transport:
-    """A robust AMQP connection shared by everything in one agent instance.
+    """Robust AMQP connections shared by everything in one agent instance.
 
-    Publishing goes through one channel in confirm mode: ``publish`` returns only after
+    ``connection`` carries consumers (a channel each, so that each has its own prefetch
+    window) and declarations (``channel``).  Publishing has a connection of its own (see
+    the note above ``Transport``; RabbitMQ also blocks a publishing connection under a
+    resource alarm, which then does not stop consumers): ``publish`` returns only after
     the broker confirmed the message, and retries across reconnections until
-    ``settings.publish_timeout``.  Consumers get a channel each so that each has its
-    own prefetch window.
+    ``settings.publish_timeout``.
     """
 
     def __init__(self, settings: Settings, connection_name: str) -> None:
@@ -78,7 +106,11 @@ class Transport:
         self.user = unquote(urlsplit(settings.amqp_url).username or "guest")
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        self._publishing: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._reopened: asyncio.Future[None] | None = None
+        self._probe: aiormq.abc.AbstractChannel | None = None
+        self._probe_lock = asyncio.Lock()
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -88,16 +120,31 @@ class Transport:
 
     @property
     def channel(self) -> AbstractRobustChannel:
-        """The publishing channel (confirm mode); also used for declarations."""
+        """A channel for declarations (confirm mode)."""
         if self._channel is None:
             raise RuntimeError("transport is not connected")
         return self._channel
 
+    @property
+    def publishing(self) -> AbstractRobustConnection:
+        """The connection ``publish`` uses, and nothing else may."""
+        if self._publishing is None:
+            raise RuntimeError("transport is not connected")
+        return self._publishing
+
     async def connect(self) -> None:
+        self._connection = await self._connect(self.connection_name)
+        self._channel = await self.open_channel()
+        self._publishing = await self._connect(f"{self.connection_name} publishing")
+        self._publisher = await self._publishing.channel(
+            channel_number=_SHARED_CHANNEL, publisher_confirms=True
+        )
+        self._publisher.reopen_callbacks.add(self._on_publisher_reopened)
+
+    async def _connect(self, name: str) -> AbstractRobustConnection:
         try:
-            self._connection = await aio_pika.connect_robust(
-                self.settings.amqp_url,
-                client_properties={"connection_name": self.connection_name},
+            return await aio_pika.connect_robust(
+                self.settings.amqp_url, client_properties={"connection_name": name}
             )
         except (AMQPConnectionError, OSError) as exc:
             url = urlsplit(self.settings.amqp_url)  # named without the password
@@ -105,7 +152,6 @@ class Transport:
                 f"RabbitMQ unreachable at {url.hostname}:{url.port or 5672}{url.path or '/'} "
                 f"({exc}); start it or point MESH_AMQP_URL at it"
             ) from None
-        self._channel = await self.open_channel()
 
     async def open_channel(
         self, prefetch: int | None = None, *, confirms: bool = True
@@ -116,18 +162,14 @@ class Transport:
         return channel
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
+        for connection in (self._publishing, self._connection):
+            if connection is not None:
+                await connection.close()
         self._connection = None
         self._channel = None
-        self._exchanges.clear()
-
-    async def exchange(self, name: str) -> AbstractExchange:
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await self.channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
+        self._publishing = None
+        self._publisher = None
+        self._probe = None
 
     async def publish(
         self,
@@ -137,16 +179,32 @@ class Transport:
         *,
         mandatory: bool = False,
     ) -> None:
-        """Publish and wait for the broker's confirm; raise ``PublishError`` otherwise."""
-        target = await self.exchange(exchange)
+        """Publish and wait for the broker's confirm; raise ``PublishError`` otherwise.
+
+        A message the broker refuses (no such exchange, no permission …) fails alone: the
+        broker closes the shared channel for it, which fails every confirm pending there,
+        so each of those is published again, one at a time, on a probe channel, where only
+        its own refusal can fail it.  A message re-published this way may arrive twice
+        (its first copy may have been routed before the close took its confirm) and after
+        messages published later.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout
         while True:
-            remaining = deadline - loop.time()
             try:
-                result = await target.publish(
-                    message, routing_key, mandatory=mandatory, timeout=remaining
-                )
+                try:
+                    result = await self._publish_shared(
+                        exchange, routing_key, message, mandatory, deadline
+                    )
+                except ChannelClosed as closed:
+                    # Maybe this message's refusal, maybe another's (see the note above).
+                    logger.debug(
+                        "publishing channel closed (%s); probing %s/%s on its own",
+                        closed, exchange, routing_key,
+                    )
+                    result = await self._publish_alone(
+                        exchange, routing_key, message, mandatory, deadline
+                    )
             except (DeliveryError, ChannelClosed) as exc:
                 # A refusal (no permission, no such exchange …) will not change on retry.
                 raise PublishError(
@@ -164,6 +222,143 @@ class Transport:
                 raise Unroutable(f"no queue is bound for {routing_key!r} on {exchange}")
             return
 
+    async def _publish_shared(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.abc.AbstractMessage,
+        mandatory: bool,
+        deadline: float,
+    ) -> object:
+        channel = await self._writable(deadline)
+        # Nothing may yield between _writable's checks and the frames being queued: with
+        # wait=False, the channel lock free and room in the write queue, basic_publish
+        # queues them before its first yield.
+        return await channel.basic_publish(
+            message.body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=message.properties,
+            mandatory=mandatory,
+            timeout=self._remaining(deadline),
+            wait=False,
+        )
+
+    async def _writable(self, deadline: float) -> aiormq.Channel:
+        """The shared channel's aiormq channel, once a publish on it cannot follow a close-ok.
+
+        That is: the channel is not closing, and basic_publish will queue the frames
+        without yielding.  It yields only for the channel lock or for room in the write
+        queue; the lock is free because only ``_publish_shared`` uses the channel once it
+        is ready, and never holds the lock across a yield (wait=False: no waiting for the
+        frames to be written).  Room is checked here, leaving half the queue to close-oks,
+        the probe and heartbeats.
+        """
+        publisher = self._publisher
+        if publisher is None:
+            raise RuntimeError("transport is not connected")
+        while True:
+            await self._wait(publisher.ready(), deadline)
+            channel = await publisher.get_underlay_channel()
+            if not isinstance(channel, aiormq.Channel):
+                raise TypeError(f"unexpected AMQP channel {channel!r}")
+            if _closing(channel):
+                await self._await_reopen(channel, deadline)
+                continue
+            queue = channel.connection.write_queue
+            if queue.maxsize and queue.qsize() >= queue.maxsize // 2:
+                # The connection's writer takes everything queued in one go.
+                await self._wait(queue.join(), deadline)
+                continue
+            return channel
+
+    async def _await_reopen(self, closing: aiormq.Channel, deadline: float) -> None:
+        """Wait until the robust channel replaced ``closing`` with a new channel."""
+        if self._reopened is None or self._reopened.done():
+            self._reopened = asyncio.get_running_loop().create_future()
+        reopened = self._reopened
+        # The robust channel reopens in a callback of aiormq reporting ``closing`` closed,
+        # then calls its reopen_callbacks, ``_on_publisher_reopened`` among them; so does
+        # a connection that comes back (RobustConnection restores its channels).
+        with suppress(Exception):  # the close's reason is the pending publishes' business
+            await self._wait(asyncio.shield(closing.closing), deadline)
+        await self._wait(asyncio.shield(reopened), deadline)
+
+    def _on_publisher_reopened(self, _channel: Any) -> None:
+        if self._reopened is not None and not self._reopened.done():
+            self._reopened.set_result(None)
+
+    async def _wait(self, operation: Awaitable[Any], deadline: float) -> None:
+        """Wait for the publishing channel; a broker not back by ``deadline`` is unreachable."""
+        try:
+            await asyncio.wait_for(operation, self._remaining(deadline))
+        except TimeoutError:
+            if inspect.iscoroutine(operation):
+                operation.close()  # never started when the deadline had already passed
+            raise ChannelInvalidStateError("publishing channel not back in time") from None
+
+    async def _publish_alone(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.abc.AbstractMessage,
+        mandatory: bool,
+        deadline: float,
+    ) -> object:
+        """Publish on the probe channel, which carries one message at a time.
+
+        The probe is a plain aiormq channel (a robust one would reopen itself after a
+        refusal, without waiting for anyone), opened on first need and kept.  One message
+        at a time on one channel, not a channel each: each channel opened while another
+        is being closed risks taking its number (3 in the note above ``Transport``).
+        """
+        await asyncio.wait_for(self._probe_lock.acquire(), self._remaining(deadline))
+        try:
+            probe = self._probe
+            if probe is None or _closing(probe):
+                probe = self._probe = await self._open_probe(deadline)
+            try:
+                return await probe.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=message.properties,
+                    mandatory=mandatory,
+                    timeout=self._remaining(deadline),
+                )
+            except BaseException:
+                # A confirm still due could otherwise close the probe under the next message.
+                self._probe = None
+                if not _closing(probe):
+                    await settle(probe.close())
+                raise
+        finally:
+            self._probe_lock.release()
+
+    async def _open_probe(self, deadline: float) -> aiormq.abc.AbstractChannel:
+        transport = self.publishing.transport
+        if transport is None:
+            raise ChannelInvalidStateError("connection is down")
+        try:
+            return await transport.connection.channel(
+                channel_number=_PROBE_CHANNEL,
+                publisher_confirms=True,
+                on_return_raises=False,  # a return is a result, as on the shared channel
+                timeout=self._remaining(deadline),
+            )
+        except ChannelInvalidStateError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            # The connection is closed, or the old probe's close has not finished (its
+            # number is still taken): try again once the connection is back.
+            raise ChannelInvalidStateError(str(exc)) from exc
+
+    def _remaining(self, deadline: float) -> float:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError
+        return remaining
+
     async def _await_reconnect(
         self, deadline: float, exchange: str, routing_key: str, exc: BaseException
     ) -> None:
@@ -177,9 +372,23 @@ class Transport:
             "publish to %s/%s interrupted (%r); waiting for the broker", exchange, routing_key, exc
         )
         try:
-            await asyncio.wait_for(self.channel.ready(), remaining)
+            await asyncio.wait_for(self.publishing.ready(), remaining)
         except TimeoutError:
             raise PublishError(
                 f"broker unreachable: message to {exchange}/{routing_key} not confirmed "
                 f"within {self.settings.publish_timeout:g}s"
             ) from exc
+
+
+# The publishing connection's only channels, numbered so that neither takes the other's.
+_SHARED_CHANNEL = 1
+_PROBE_CHANNEL = 2
+
+
+def _closing(channel: aiormq.abc.AbstractChannel) -> bool:
+    """Whether ``channel`` is closed, or the broker closed it and aiormq has not caught up.
+
+    aiormq sets ``_close_exception`` in the step that queues the close-ok
+    (Channel._on_close_frame), before anything can follow the close-ok.
+    """
+    return channel.is_closed or getattr(channel, "_close_exception", None) is not None
