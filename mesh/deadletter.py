@@ -9,7 +9,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from mesh import topology
-from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_USER, forwarded
+from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_USER, forwarded, mesh_id
 from mesh.transport import Transport, settle
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,9 @@ class DeadLetters:
     """Sends dead letters for one agent instance.
 
     The copy keeps the body and properties and adds ``x-mesh-reason``; ``user_id`` moves
-    to ``x-mesh-user`` because RabbitMQ only lets a connection claim its own user.
+    to ``x-mesh-user`` because RabbitMQ only lets a connection claim its own user.  Like
+    every copy the mesh forwards it has an AMQP ``message_id`` of its own and carries the
+    sender's id in ``x-mesh-id`` (``envelope.forwarded``).
     """
 
     def __init__(self, transport: Transport, agent: str) -> None:
@@ -35,11 +37,13 @@ class DeadLetters:
         queue: str,
         *,
         headers: dict[str, Any] | None = None,
+        sender_id: str | None = None,
     ) -> None:
         """Publish the dead letter and wait for the broker's confirm.
 
         ``headers`` replaces the original's headers, for a caller that must not keep
-        some of them (the gateway, whose input is unchecked).
+        some of them (the gateway, whose input is unchecked); such a caller also names
+        the ``sender_id`` (by default ``envelope.mesh_id(incoming)``).
         """
         headers = dict(incoming.headers or {}) if headers is None else dict(headers)
         if incoming.user_id:
@@ -47,11 +51,12 @@ class DeadLetters:
         headers[H_REASON] = reason[:MAX_REASON]
         headers[H_QUEUE] = queue
         headers[H_DEAD_BY] = self.agent
-        copy = forwarded(incoming, headers, expiring=False)
+        sender_id = mesh_id(incoming) if sender_id is None else sender_id
+        copy = forwarded(incoming, headers, expiring=False, sender_id=sender_id)
         await self.transport.publish(
             topology.DEAD_LETTER_EXCHANGE, incoming.routing_key or "", copy
         )
-        logger.info("dead-lettered %s from %s: %s", incoming.message_id, queue, reason)
+        logger.info("dead-lettered %s from %s: %s", sender_id, queue, reason)
 
 
 class DeadLetterStream:

@@ -30,14 +30,22 @@ H_DELIVERY_COUNT = "x-delivery-count"
 H_QUEUE = "x-mesh-queue"
 H_DEAD_BY = "x-mesh-dead-by"
 H_ATTEMPT = "x-mesh-attempt"
+H_MESH_ID = "x-mesh-id"
+"""The sender's message id, on every copy the mesh forwards (see ``forwarded``)."""
 
 RESERVED_HEADERS = frozenset(
-    {H_USER, H_AUDIT, H_REDACTED, H_REASON, H_DELIVERY_COUNT, H_QUEUE, H_DEAD_BY, H_ATTEMPT}
+    {
+        H_USER, H_AUDIT, H_REDACTED, H_REASON, H_DELIVERY_COUNT, H_QUEUE, H_DEAD_BY, H_ATTEMPT,
+        H_MESH_ID,
+    }
 )
 """Set by the gateway or the broker; a sender's values are dropped at the gateway."""
 
 _KNOWN_HEADERS = frozenset(
-    {H_TOPIC, H_INSTANCE, H_BEHAVIOUR, H_SCHEMA, H_TRACEPARENT, H_AUDIT, H_REDACTED, H_USER}
+    {
+        H_TOPIC, H_INSTANCE, H_BEHAVIOUR, H_SCHEMA, H_TRACEPARENT, H_AUDIT, H_REDACTED, H_USER,
+        H_MESH_ID,
+    }
 )
 
 
@@ -131,15 +139,44 @@ def to_amqp(
     )
 
 
+def mesh_id(incoming: AbstractIncomingMessage) -> str:
+    """The mesh's id of a delivered message: the sender's message id.
+
+    That is ``x-mesh-id`` on a copy the mesh forwarded, else the AMQP ``message_id`` (a
+    message as its sender published it).  Only for messages the gateway has relayed: on
+    the gateway's own input ``x-mesh-id`` is whatever the sender wrote, and the sender's
+    id is its ``message_id``.
+    """
+    value = _text((incoming.headers or {}).get(H_MESH_ID))
+    return value or incoming.message_id or ""
+
+
 def forwarded(
-    incoming: AbstractIncomingMessage, headers: dict[str, Any], *, expiring: bool = True
+    incoming: AbstractIncomingMessage,
+    headers: dict[str, Any],
+    *,
+    expiring: bool = True,
+    sender_id: str | None = None,
 ) -> aio_pika.Message:
     """A copy of a delivered message with ``headers``, to publish on.
 
     The copy has no ``user_id``: RabbitMQ only lets a connection claim its own user, so
     the verified sender travels in ``x-mesh-user``.  ``expiring=False`` drops the TTL
     (a dead letter must stay until someone reads it).
+
+    The copy gets an AMQP ``message_id`` of its own: aiormq matches a returned message
+    to its publish by ``message_id`` (Channel._on_return_frame), so two messages in
+    flight with one id (a sender may reuse ids; a message and its dead letter or retry
+    share one) could take each other's return.  The sender's id travels in
+    ``x-mesh-id``, which ``from_amqp`` reads back as ``Message.message_id``: ``sender_id``,
+    by default ``mesh_id(incoming)``; the gateway passes the sender's ``message_id``.
     """
+    headers = dict(headers)
+    original = mesh_id(incoming) if sender_id is None else sender_id
+    if original:
+        headers[H_MESH_ID] = original
+    else:
+        headers.pop(H_MESH_ID, None)
     return aio_pika.Message(
         incoming.body,
         headers=headers,
@@ -149,7 +186,7 @@ def forwarded(
         correlation_id=incoming.correlation_id,
         reply_to=incoming.reply_to,
         expiration=incoming.expiration if expiring else None,
-        message_id=incoming.message_id,
+        message_id=new_message_id(),
         timestamp=incoming.timestamp,
         type=incoming.type,
         app_id=incoming.app_id,
@@ -178,7 +215,7 @@ def from_amqp(incoming: AbstractIncomingMessage) -> Message:
         topic=_text(raw_headers.get(H_TOPIC)) or incoming.routing_key or "",
         payload=payload,
         type=kind,
-        message_id=incoming.message_id or "",
+        message_id=mesh_id(incoming),
         user_id=_text(raw_headers.get(H_USER)),
         app_id=incoming.app_id,
         instance=_text(raw_headers.get(H_INSTANCE)),

@@ -67,7 +67,10 @@ class Relay(Behaviour):
         except Denied as denied:
             await self._deny(passage, denied)
             return
-        copy = forwarded(incoming, passage.headers)
+        # The copy carries the sender's id in x-mesh-id (whatever the sender put there
+        # is replaced) and an AMQP message_id of its own, so a sender reusing an id
+        # cannot make one copy's return pass for another's (see ``forwarded``).
+        copy = forwarded(incoming, passage.headers, sender_id=incoming.message_id or "")
         try:
             await self.agent.transport.publish(
                 topology.TOPIC_EXCHANGE,
@@ -84,14 +87,15 @@ class Relay(Behaviour):
         await incoming.ack()
 
     async def _no_route(self, passage: Passage) -> None:
-        _, agent, operation = passage.routing_key.split(".", 2)
-        await self._notify(
-            passage,
-            {
-                "error": f"no instance of agent {agent!r} serves operation {operation!r}",
-                "type": "Unroutable",
-            },
-        )
+        words = passage.routing_key.split(".", 2)
+        if len(words) == 3 and topology.is_request(passage.routing_key):
+            _, agent, operation = words
+            error = f"no instance of agent {agent!r} serves operation {operation!r}"
+        else:
+            # Only requests are published mandatory, but a wrong key must not crash the
+            # handling of this message (it would dead-letter it as well).
+            error = f"no queue is bound for {passage.routing_key!r}"
+        await self._notify(passage, {"error": error, "type": "Unroutable"})
 
     async def _deny(self, passage: Passage, denied: Denied) -> None:
         incoming = passage.incoming
@@ -121,11 +125,22 @@ class Relay(Behaviour):
             f"denied by gateway {denied.stage}: {denied.reason}",
             topology.GATEWAY_QUEUE,
             headers=headers,
+            sender_id=incoming.message_id or "",
         )
         await incoming.ack()
 
     async def _notify(self, passage: Passage, body: dict[str, Any]) -> None:
-        """Tell the sender: on its reply route for a request, else on its error route."""
+        """Tell the sender: on its reply route for a request, else on its error route.
+
+        Never raises: a notice is a courtesy, and its failure must not decide what
+        happens to the message (the caller settles it either way).
+        """
+        try:
+            await self._send_notice(passage, body)
+        except Exception:
+            logger.exception("could not notify the sender of %s", passage.incoming.message_id)
+
+    async def _send_notice(self, passage: Passage, body: dict[str, Any]) -> None:
         incoming = passage.incoming
         headers: dict[str, Any] = {H_REASON: str(body.get("error", ""))}
         instance = (incoming.headers or {}).get(H_INSTANCE)
