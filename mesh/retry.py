@@ -12,7 +12,7 @@ import logging
 from aio_pika.abc import AbstractIncomingMessage
 
 from mesh import topology
-from mesh.envelope import H_ATTEMPT, H_DELIVERY_COUNT, forwarded
+from mesh.envelope import H_ATTEMPT, H_DELIVERY_COUNT, forwarded, mesh_id
 from mesh.transport import Transport, Unroutable
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Retries:
             self._declared.discard(delay_ms)
             await self._declare(delay_ms)
             await self.transport.publish(topology.RETRY_EXCHANGE, key, copy, mandatory=True)
-        logger.debug("retry of %s to %s in %d ms", incoming.message_id, queue, delay_ms)
+        logger.debug("retry of %s to %s in %d ms", mesh_id(incoming), queue, delay_ms)
 
     async def _declare(self, delay_ms: int) -> None:
         if delay_ms not in self._declared:
