@@ -1,7 +1,7 @@
 """agentmesh: agents hosting concurrent behaviours on RabbitMQ, governed by a gateway."""
 
 from mesh.agent import Agent, AgentStopped, RemoteError, RequestTimeout
-from mesh.behaviour import Behaviour, BehaviourStatus, on, rpc
+from mesh.behaviour import Behaviour, BehaviourStatus, on, on_registry, rpc
 from mesh.client import Client
 from mesh.config import ConfigError, Settings
 from mesh.envelope import EnvelopeError, Message, MessageType
@@ -35,5 +35,6 @@ __all__ = [
     "TopicError",
     "TopologyError",
     "on",
+    "on_registry",
     "rpc",
 ]

@@ -339,9 +339,11 @@ class Agent(Service):
         )
 
     async def send(self, message: Message, routing_key: str) -> None:
-        """Publish a fully built message through the policy exchange."""
+        """Publish a fully built message to the policy exchange of its lane."""
         await self.transport.publish(
-            topology.POLICY_EXCHANGE, routing_key, to_amqp(message, user_id=self.transport.user)
+            topology.policy_exchange(routing_key),
+            routing_key,
+            to_amqp(message, user_id=self.transport.user),
         )
 
     async def publish(

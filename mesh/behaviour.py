@@ -26,6 +26,7 @@ from mesh.deadletter import DeadLetters
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
 from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
+from mesh.topology import TopicError
 from mesh.transport import PublishError, Transport, is_stale, settle
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,22 @@ def on(pattern: str, *, model: type[BaseModel] | None = None) -> Callable[[F], F
     """Handle messages whose topic matches ``pattern`` (``*`` one word, ``#`` any words)."""
     topology.check_pattern(pattern)
     return _mark(RouteSpec(pattern=pattern, operation=None, model=model))
+
+
+REGISTRY_EVENTS = frozenset({"join", "leave", "behaviour"})
+
+
+def on_registry(event: str = "*", *, model: type[BaseModel] | None = None) -> Callable[[F], F]:
+    """Handle the registry's events: ``join``, ``leave``, ``behaviour`` (``*``: all three).
+
+    They travel the mesh's own lane (``mesh.internal``), which ``@on`` patterns never see.
+    """
+    if event != "*" and event not in REGISTRY_EVENTS:
+        raise TopicError(
+            f"unknown registry event {event!r} (expected {', '.join(sorted(REGISTRY_EVENTS))} "
+            "or '*')"
+        )
+    return _mark(RouteSpec(pattern=topology.registry_key(event), operation=None, model=model))
 
 
 def rpc(operation: str, *, model: type[BaseModel] | None = None) -> Callable[[F], F]:

@@ -25,6 +25,9 @@ from aio_pika.exceptions import ChannelPreconditionFailed
 POLICY_EXCHANGE = "mesh.policy"
 TOPIC_EXCHANGE = "mesh.topic"
 GATEWAY_QUEUE = "mesh.gateway"
+INTERNAL_POLICY_EXCHANGE = "mesh.policy.internal"
+INTERNAL_EXCHANGE = "mesh.internal"
+INTERNAL_GATEWAY_QUEUE = "mesh.gateway.internal"
 DEAD_LETTER_EXCHANGE = "mesh.dlx"
 DEAD_LETTER_QUEUE = "mesh.dead"
 RETRY_EXCHANGE = "mesh.retry"
@@ -38,6 +41,10 @@ queue's delivery count, so it cannot count failures; the mesh counts those itsel
 (``x-mesh-attempt``).  This limit only catches a message that keeps killing its consumer
 before the consumer can settle it.
 """
+
+INTERNAL_TTL_MS = 60_000
+"""The longest the mesh's own traffic waits for a gateway: requests, replies and control
+carry shorter expirations of their own; a registry event older than this is stale."""
 
 ALL_AGENTS = "_all"
 """Agent id that control commands use to address every agent at once."""
@@ -189,6 +196,21 @@ def is_request(routing_key: str) -> bool:
     return routing_key.startswith("_req.")
 
 
+def is_internal(routing_key: str) -> bool:
+    """Whether ``routing_key`` is the mesh's own (requests, replies, control, registry)."""
+    return routing_key.startswith("_")
+
+
+def policy_exchange(routing_key: str) -> str:
+    """Where an agent sends a message with ``routing_key``: the lane its kind travels."""
+    return INTERNAL_POLICY_EXCHANGE if is_internal(routing_key) else POLICY_EXCHANGE
+
+
+def delivery_exchange(routing_key: str) -> str:
+    """Where the gateway delivers ``routing_key`` and receivers bind it."""
+    return INTERNAL_EXCHANGE if is_internal(routing_key) else TOPIC_EXCHANGE
+
+
 async def declare_exchanges(
     channel: AbstractChannel,
     *,
@@ -201,6 +223,8 @@ async def declare_exchanges(
         for name in (
             POLICY_EXCHANGE,
             TOPIC_EXCHANGE,
+            INTERNAL_POLICY_EXCHANGE,
+            INTERNAL_EXCHANGE,
             DEAD_LETTER_EXCHANGE,
             RETRY_EXCHANGE,
             REQUEUE_EXCHANGE,
@@ -208,6 +232,8 @@ async def declare_exchanges(
     }
     gateway = await declare_gateway_queue(channel)
     await gateway.bind(exchanges[POLICY_EXCHANGE], "#")
+    internal = await declare_internal_gateway_queue(channel)
+    await internal.bind(exchanges[INTERNAL_POLICY_EXCHANGE], "#")
     dead = await declare_dead_letter_stream(channel, dead_letter_max_bytes, dead_letter_max_age)
     await dead.bind(exchanges[DEAD_LETTER_EXCHANGE], "#")
     return exchanges
@@ -246,6 +272,22 @@ async def declare_gateway_queue(channel: AbstractChannel) -> AbstractQueue:
     )
 
 
+async def declare_internal_gateway_queue(channel: AbstractChannel) -> AbstractQueue:
+    """The queue gateway replicas compete on for the mesh's own traffic.
+
+    Classic, not quorum: requests, replies and control expire with their caller's timeout
+    and are never retried, so a replicated log buys nothing and costs a Raft commit on
+    every hop of a round trip.  No dead-letter exchange: what expires here is dropped
+    (its caller already timed out); the relay dead-letters what it cannot handle itself.
+    """
+    return await _declare_queue(
+        channel,
+        INTERNAL_GATEWAY_QUEUE,
+        durable=True,
+        arguments={"x-queue-type": "classic", "x-message-ttl": INTERNAL_TTL_MS},
+    )
+
+
 def _behaviour_queue_args() -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
@@ -256,7 +298,7 @@ def _behaviour_queue_args() -> dict[str, Any]:
 
 async def _bind(queue: AbstractQueue, patterns: list[str]) -> AbstractQueue:
     for pattern in patterns:
-        await queue.bind(TOPIC_EXCHANGE, pattern)
+        await queue.bind(delivery_exchange(pattern), pattern)
     # Retried messages come back by the queue's own name (see declare_retry_queue).
     await queue.bind(REQUEUE_EXCHANGE, f"*.{queue.name}")
     return queue
@@ -299,14 +341,14 @@ async def declare_request_queue(
         channel, name, durable=True, arguments={"x-queue-type": "classic"}
     )
     for pattern in patterns:
-        await queue.bind(TOPIC_EXCHANGE, pattern)
+        await queue.bind(delivery_exchange(pattern), pattern)
     return queue
 
 
 async def declare_inbox(
     channel: AbstractRobustChannel, name: str, patterns: list[str]
 ) -> AbstractRobustQueue:
-    """Declare an instance's exclusive inbox bound to ``mesh.topic``.
+    """Declare an instance's exclusive inbox bound to ``mesh.internal``.
 
     Not restored by the robust channel: a new connection gets a new inbox (see
     ``inbox_queue``).  Replies and control commands expire with their sender's timeout;
@@ -314,7 +356,7 @@ async def declare_inbox(
     """
     queue = await channel.declare_queue(name, exclusive=True, auto_delete=True, robust=False)
     for pattern in patterns:
-        await queue.bind(TOPIC_EXCHANGE, pattern, robust=False)
+        await queue.bind(delivery_exchange(pattern), pattern, robust=False)
     return queue
 
 

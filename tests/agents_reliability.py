@@ -160,8 +160,10 @@ class Peek:
         return await self.depth(queue) == 0
 
     async def publish_raw(self, routing_key: str, message: aio_pika.Message) -> None:
-        """Publish ``message`` to ``mesh.policy`` as-is (no mesh client involved)."""
-        exchange = await (await self._channel()).get_exchange(topology.POLICY_EXCHANGE)
+        """Publish ``message`` to the policy exchange of its lane as-is (no mesh client)."""
+        exchange = await (await self._channel()).get_exchange(
+            topology.policy_exchange(routing_key)
+        )
         await exchange.publish(message, routing_key)
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from agents_registry import SLEEPER_TOPIC, Sleeper, mesh_cli, mesh_run
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from helpers import eventually, free_port, running
 from pydantic import BaseModel
 
@@ -24,7 +23,6 @@ from behaviours import OneShotBehaviour, SubscriberBehaviour
 from mesh import (
     Agent,
     AgentRecord,
-    Behaviour,
     BehaviourRecord,
     InstanceRecord,
     Message,
@@ -32,10 +30,9 @@ from mesh import (
     StateUnavailable,
     TopicError,
     on,
+    on_registry,
     rpc,
-    topology,
 )
-from mesh.envelope import from_amqp
 from mesh.gateway import Gateway
 from mesh.membership import REDIS_DOWN
 from mesh.registry import Registry
@@ -431,21 +428,12 @@ async def test_discover_by_capability_and_topic(settings: Settings) -> None:
 # --- registry events -----------------------------------------------------------------------
 
 
-class RegistryWatch(Behaviour):
-    """Takes the mesh's own ``_registry.*`` events, which no ``@on`` pattern may bind."""
-
-    @property
-    def consumes(self) -> bool:
-        return True
-
-    async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
-        return await topology.declare_shared_queue(channel, self.queue_name, ["_registry.#"])
-
-    async def handle_delivery(self, incoming: AbstractIncomingMessage) -> None:
+class RegistryWatch(SubscriberBehaviour):
+    @on_registry()
+    async def event(self, msg: Message, payload: object) -> None:
         agent = self.agent
         assert isinstance(agent, Observer)
-        agent.events.put_nowait(from_amqp(incoming))
-        await incoming.ack()
+        agent.events.put_nowait(msg)
 
 
 class Observer(Agent):

@@ -60,7 +60,7 @@ async def test_event_without_user_id_is_denied(
     sender = Host("anon", settings=settings)
     async with running(Gateway(settings=settings), service, sender), peek(settings) as broker:
         anonymous(sender)
-        notices = await broker.tap(topology.TOPIC_EXCHANGE, "_err.#")
+        notices = await broker.tap(topology.INTERNAL_EXCHANGE, "_err.#")
         message_id = await sender.publish("news.flash", {"text": "unverified"})
         dead = await broker.dead_letter(message_id)
         notice = await broker.get(notices)

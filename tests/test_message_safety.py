@@ -330,7 +330,7 @@ async def test_second_answer_from_one_instance_is_not_counted(settings: Settings
     caller = Agent("caller", settings=settings)
     forger = Client("mallory", settings=settings)
     async with running(Gateway(settings=settings), svc, caller, forger), peek(settings) as broker:
-        commands = await broker.tap(topology.TOPIC_EXCHANGE, topology.control_key("svc", "ping"))
+        commands = await broker.tap(topology.INTERNAL_EXCHANGE, topology.control_key("svc", "ping"))
         # expect=2: the round would end early if a second answer were counted.
         collecting = asyncio.create_task(caller.control("svc", "ping", timeout=3, expect=2))
         command = await broker.get(commands)
@@ -382,7 +382,7 @@ async def test_expired_request_is_dropped_not_dead_lettered(
         await calc.stop_behaviour("rpc")
         # Consumed at once, so the tap's copy cannot expire like the request queue's.
         relayed: asyncio.Queue[str] = asyncio.Queue()
-        tap = await broker.tap(topology.TOPIC_EXCHANGE, topology.request_key("calc", "#"))
+        tap = await broker.tap(topology.INTERNAL_EXCHANGE, topology.request_key("calc", "#"))
 
         async def copy(incoming: AbstractIncomingMessage) -> None:
             relayed.put_nowait(incoming.routing_key or "")

@@ -10,7 +10,7 @@ from mesh.gateway.authenticate import Authenticate
 from mesh.gateway.decode import Decode
 from mesh.gateway.guard import Guard
 from mesh.gateway.pipeline import Pipeline, Stage
-from mesh.gateway.relay import Relay
+from mesh.gateway.relay import InternalRelay, Relay
 
 
 def default_stages(gateway: str = "gateway") -> list[Stage]:
@@ -21,7 +21,7 @@ class Gateway(Agent):
     """Run with ``mesh gateway``; start as many replicas as the load needs."""
 
     capabilities = [GATEWAY_CAPABILITY]
-    behaviours = [Relay]
+    behaviours = [Relay, InternalRelay]
     control_commands = frozenset({"ping"})
     broadcast_control = False
 
@@ -29,6 +29,8 @@ class Gateway(Agent):
         self, id: str = "gateway", *, stages: list[Stage] | None = None, **kwargs: Any
     ) -> None:
         super().__init__(id, **kwargs)
-        relay = self.behaviour_map[Relay.name]
-        assert isinstance(relay, Relay)
-        relay.pipeline = Pipeline(default_stages(self.id) if stages is None else stages)
+        pipeline = Pipeline(default_stages(self.id) if stages is None else stages)
+        for name in (Relay.name, InternalRelay.name):
+            relay = self.behaviour_map[name]
+            assert isinstance(relay, Relay)
+            relay.pipeline = pipeline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mesh import topology
 from mesh.envelope import CONTENT_TYPE, H_INSTANCE, H_TOPIC, RESERVED_HEADERS, MessageType
 from mesh.gateway.pipeline import Denied, Passage
 
@@ -40,6 +41,12 @@ class Decode:
         kind = incoming.type or MessageType.EVENT
         if kind not in _TYPES:
             raise Denied(self.name, f"unknown message type {kind!r}")
+        lane = topology.policy_exchange(key)
+        if incoming.exchange != lane:
+            raise Denied(
+                self.name,
+                f"routing key {key!r} travels on {lane}, not {incoming.exchange or '(default)'}",
+            )
         words = key.split(".")
         allowed = _ROUTE_TYPES.get(words[0]) if key.startswith("_") else _EVENT
         if allowed is None:

@@ -47,6 +47,10 @@ class Relay(Behaviour):
     def consumes(self) -> bool:
         return True
 
+    @property
+    def queue_name(self) -> str:
+        return topology.GATEWAY_QUEUE
+
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
         return await topology.declare_gateway_queue(channel)
 
@@ -54,11 +58,23 @@ class Relay(Behaviour):
         try:
             with logcontext.handling(incoming.message_id or "-"):
                 await self.relay(incoming)
-        except Exception:
+        except Exception as exc:
             # Whatever went wrong, the message must not be retried into the same failure
-            # on every replica: mesh.gateway dead-letters a rejected message.
+            # on every replica: dead-letter it with the reason, or failing that reject it
+            # (mesh.gateway dead-letters a rejected message; mesh.gateway.internal drops it).
             logger.exception("relay of %s failed; dead-lettering it", incoming.message_id)
-            await settle(incoming.reject(requeue=False))
+            try:
+                await self.agent.dead_letters.send(
+                    incoming,
+                    f"gateway relay failed: {type(exc).__name__}: {exc}",
+                    self.queue_name,
+                    headers=_sender_headers(incoming),
+                    sender_id=incoming.message_id or "",
+                )
+            except Exception:
+                await settle(incoming.reject(requeue=False))
+                return
+            await settle(incoming.ack())
 
     async def relay(self, incoming: AbstractIncomingMessage) -> None:
         passage = Passage(incoming=incoming, routing_key=incoming.routing_key or "")
@@ -73,7 +89,7 @@ class Relay(Behaviour):
         copy = forwarded(incoming, passage.headers, sender_id=incoming.message_id or "")
         try:
             await self.agent.transport.publish(
-                topology.TOPIC_EXCHANGE,
+                topology.delivery_exchange(passage.routing_key),
                 passage.routing_key,
                 copy,
                 mandatory=topology.is_request(passage.routing_key),
@@ -116,15 +132,11 @@ class Relay(Behaviour):
                 "message_id": incoming.message_id,
             },
         )
-        # The copy keeps only headers a sender may set, and the user RabbitMQ verified.
-        headers = {k: v for k, v in (incoming.headers or {}).items() if k not in RESERVED_HEADERS}
-        if incoming.user_id:
-            headers[H_USER] = incoming.user_id
         await self.agent.dead_letters.send(
             incoming,
             f"denied by gateway {denied.stage}: {denied.reason}",
-            topology.GATEWAY_QUEUE,
-            headers=headers,
+            self.queue_name,
+            headers=_sender_headers(incoming),
             sender_id=incoming.message_id or "",
         )
         await incoming.ack()
@@ -163,6 +175,27 @@ class Relay(Behaviour):
             app_id=self.agent.id,
         )
         try:
-            await self.agent.transport.publish(topology.TOPIC_EXCHANGE, key, notice)
+            await self.agent.transport.publish(topology.INTERNAL_EXCHANGE, key, notice)
         except PublishError as exc:
             logger.warning("could not notify %s: %s", key, exc)
+
+
+class InternalRelay(Relay):
+    """The relay of the mesh's own lane: ``mesh.gateway.internal`` to ``mesh.internal``."""
+
+    name = "relay_internal"
+
+    @property
+    def queue_name(self) -> str:
+        return topology.INTERNAL_GATEWAY_QUEUE
+
+    async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        return await topology.declare_internal_gateway_queue(channel)
+
+
+def _sender_headers(incoming: AbstractIncomingMessage) -> dict[str, Any]:
+    """A dead letter's headers: only those a sender may set, and the user RabbitMQ verified."""
+    headers = {k: v for k, v in (incoming.headers or {}).items() if k not in RESERVED_HEADERS}
+    if incoming.user_id:
+        headers[H_USER] = incoming.user_id
+    return headers

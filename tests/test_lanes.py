@@ -1,0 +1,93 @@
+"""The mesh's own traffic travels a lane of its own: user subscriptions see user events only."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from agents_reliability import Host, drain, host, peek, subscriber
+from helpers import running, take
+
+from behaviours import SubscriberBehaviour
+from mesh import Agent, Client, Message, Settings, TopicError, on, on_registry, rpc, topology
+from mesh.envelope import to_amqp
+from mesh.gateway import Gateway
+
+
+class Everything(SubscriberBehaviour):
+    @on("#")
+    async def anything(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg.topic)
+
+
+class Registry(SubscriberBehaviour):
+    @on_registry("join")
+    async def joined(self, msg: Message, payload: dict[str, object]) -> None:
+        host(self).seen.put_nowait(("join", payload["agent"]))
+
+
+class Server(Agent):
+    @rpc("double")
+    async def double(self, msg: Message, payload: dict[str, int]) -> dict[str, int]:
+        return {"n": payload["n"] * 2}
+
+
+async def test_a_catch_all_subscriber_sees_user_events_only(settings: Settings) -> None:
+    """With requests, replies, control and registry events flowing, an ``@on("#")``
+    behaviour gets user events and nothing else, and every request is answered."""
+    watcher = subscriber(settings, Everything, agent_id="watcher")
+    server = Server("server", settings=settings)
+    client = Client(settings=settings)
+    async with running(Gateway(settings=settings), watcher, server, client), peek(
+        settings
+    ) as broker:
+        answers = await asyncio.gather(
+            *(client.request("server", "double", {"n": n}) for n in range(20))
+        )
+        assert answers == [{"n": 2 * n} for n in range(20)]
+        assert {r.agent for r in await client.ping(timeout=2)} >= {"watcher", "server"}
+        await client.publish("user.event", {})
+        assert await take(watcher.seen, 1) == ["user.event"]
+        assert drain(watcher.seen) == []
+        assert await broker.dead_letters_through_marker() == []
+
+
+@pytest.mark.parametrize("pattern", ["_req.#", "_registry.join", "_ctl.*.*"])
+def test_patterns_of_the_mesh_lane_are_refused(pattern: str) -> None:
+    with pytest.raises(TopicError, match="belong to the mesh"):
+
+        class Sneaky(SubscriberBehaviour):
+            @on(pattern)
+            async def handle(self, msg: Message, payload: object) -> None: ...
+
+
+def test_unknown_registry_event_is_refused() -> None:
+    with pytest.raises(TopicError, match="unknown registry event 'joined'"):
+        on_registry("joined")
+
+
+async def test_registry_events_reach_on_registry_handlers(settings: Settings) -> None:
+    """``@on_registry`` binds the registry's events on the mesh's own lane."""
+    observer = subscriber(settings, Registry, agent_id="observer")
+    async with running(Gateway(settings=settings), observer):
+        newcomer = Host("newcomer", settings=settings)
+        async with running(newcomer):
+            seen = await take(observer.seen, 2)
+    assert ("join", "newcomer") in seen
+
+
+async def test_user_lane_refuses_the_mesh_keys_and_the_other_way_round(settings: Settings) -> None:
+    """A ``_`` key sent to ``mesh.policy``, or a user topic sent to ``mesh.policy.internal``,
+    is denied by the gateway (no lane may carry the other's traffic)."""
+    sender = Agent("sender", settings=settings)
+    async with running(Gateway(settings=settings), sender), peek(settings) as broker:
+        for exchange, key in (
+            (topology.POLICY_EXCHANGE, "_registry.join"),
+            (topology.INTERNAL_POLICY_EXCHANGE, "user.event"),
+        ):
+            message = sender._message(key, {})
+            await sender.transport.publish(
+                exchange, key, to_amqp(message, user_id=sender.transport.user)
+            )
+            dead = await broker.dead_letter(message.message_id)
+            assert "travels on" in str((dead.headers or {}).get("x-mesh-reason"))
