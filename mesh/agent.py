@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 
 from mesh import logcontext, topology
 from mesh.behaviour import Behaviour, collect_routes
+from mesh.bindings import Binding, BindingLedger
 from mesh.config import Settings
 from mesh.deadletter import DeadLetters
 from mesh.envelope import (
@@ -102,6 +103,10 @@ class RPCBehaviour(Behaviour):
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
         return await topology.declare_request_queue(channel, self.queue_name, self.binding_keys)
 
+    @property
+    def bindings(self) -> list[Binding]:
+        return [Binding(topology.delivery_exchange(key), key) for key in self.binding_keys]
+
 
 class Agent(Service):
     """An agent instance: behaviours, a connection, an inbox for replies and control.
@@ -149,6 +154,7 @@ class Agent(Service):
         )
         self.registry = Registry(self.redis, self.settings.namespace, self.settings.heartbeat_ttl)
         self.state_store = StateStore(self.redis, self.settings.namespace)
+        self.bindings_ledger = BindingLedger(self.redis, self.settings.namespace)
         self._state = (
             StateSlot(self.state_store, self.state_store.key(self.id), self.state_model)
             if self.state_model is not None

@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from pydantic import BaseModel, ValidationError
 
 from mesh import logcontext, topology
+from mesh.bindings import Binding, BindingLedger, reconcile
 from mesh.config import Settings
 from mesh.deadletter import DeadLetters
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
@@ -127,6 +128,8 @@ class Host(Protocol):
     @property
     def dead_letters(self) -> DeadLetters: ...
     @property
+    def bindings_ledger(self) -> BindingLedger: ...
+    @property
     def retries(self) -> Retries: ...
     @property
     def state_store(self) -> StateStore: ...
@@ -226,6 +229,12 @@ class Behaviour:
         keys = [r.spec.pattern for r in self._subscriptions if r.spec.pattern]
         keys += [topology.request_key(self.agent.id, op) for op in self._operations]
         return list(dict.fromkeys(keys))
+
+    @property
+    def bindings(self) -> list[Binding]:
+        """Every binding ``declare_queue`` makes; a start removes those a former one made."""
+        found = [Binding(topology.delivery_exchange(key), key) for key in self.binding_keys]
+        return [*found, Binding(topology.REQUEUE_EXCHANGE, f"*.{self.queue_name}")]
 
     @property
     def queue_name(self) -> str:
@@ -460,6 +469,9 @@ class _Consumer:
         transport = b.agent.transport
         self.channel = await transport.open_channel(prefetch=b.mailbox_size, confirms=False)
         self.queue = await b.declare_queue(self.channel)
+        # A binding the code no longer declares (a renamed pattern) must stop delivering.
+        expires = b.agent.settings.broadcast_queue_expires if b.broadcast else None
+        await reconcile(self.queue, b.bindings, b.agent.bindings_ledger, expires=expires)
         loop = asyncio.get_running_loop()
         self.workers = [
             loop.create_task(

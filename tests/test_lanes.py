@@ -91,3 +91,38 @@ async def test_user_lane_refuses_the_mesh_keys_and_the_other_way_round(settings:
             )
             dead = await broker.dead_letter(message.message_id)
             assert "travels on" in str((dead.headers or {}).get("x-mesh-reason"))
+
+
+class WatchOld(SubscriberBehaviour):
+    name = "watch"
+
+    @on("reading.old")
+    async def reading(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg.topic)
+
+
+class WatchNew(WatchOld):
+    name = "watch"
+
+    @on("reading.new")
+    async def reading(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg.topic)
+
+
+async def test_a_renamed_pattern_no_longer_delivers_after_restart(settings: Settings) -> None:
+    """A binding the code dropped is removed from the shared queue at the next start."""
+    publisher = Agent("pub", settings=settings)
+    async with running(Gateway(settings=settings), publisher), peek(settings) as broker:
+        before = subscriber(settings, WatchOld, agent_id="watcher")
+        async with running(before):
+            await publisher.publish("reading.old", {})
+            assert await take(before.seen, 1) == ["reading.old"]
+        after = subscriber(settings, WatchNew, agent_id="watcher")
+        async with running(after):
+            await publisher.publish("reading.old", {})
+            await publisher.publish("reading.new", {})
+            # One queue, in publish order: a reading.old still bound would come first.
+            assert await take(after.seen, 1) == ["reading.new"]
+            assert drain(after.seen) == []
+            # Still bound, reading.old would have reached the queue and found no handler.
+            assert await broker.dead_letters_through_marker() == []

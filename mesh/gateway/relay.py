@@ -10,6 +10,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 
 from mesh import logcontext, topology
 from mesh.behaviour import Behaviour
+from mesh.bindings import Binding
 from mesh.envelope import (
     CONTENT_TYPE,
     H_INSTANCE,
@@ -50,6 +51,10 @@ class Relay(Behaviour):
     @property
     def queue_name(self) -> str:
         return topology.GATEWAY_QUEUE
+
+    @property
+    def bindings(self) -> list[Binding]:
+        return [Binding(topology.POLICY_EXCHANGE, "#")]
 
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
         return await topology.declare_gateway_queue(channel)
@@ -188,6 +193,10 @@ class InternalRelay(Relay):
     @property
     def queue_name(self) -> str:
         return topology.INTERNAL_GATEWAY_QUEUE
+
+    @property
+    def bindings(self) -> list[Binding]:
+        return [Binding(topology.INTERNAL_POLICY_EXCHANGE, "#")]
 
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
         return await topology.declare_internal_gateway_queue(channel)
