@@ -579,9 +579,12 @@ async def wait_for_mesh(client: Agent, children: Children, timeout: float = 45.0
     deadline = loop.time() + timeout
     while True:
         children.check_alive(*wanted)
-        # expect= skips the registry lookup: the three answers are all we wait for
-        answers = await client.control("_all", "ping", timeout=0.5, expect=len(wanted))
-        seen = dict(_states(answer) for answer in answers)
+        # expect= skips the registry lookup; gateways answer only pings sent to them
+        rounds = await asyncio.gather(
+            client.control("_all", "ping", timeout=0.5, expect=len(wanted) - 1),
+            client.control("gateway", "ping", timeout=0.5, expect=1),
+        )
+        seen = dict(_states(answer) for answers in rounds for answer in answers)
         if all(
             all(seen.get(agent, {}).get(b) == s for b, s in behaviours.items())
             for agent, behaviours in wanted.items()
