@@ -27,8 +27,8 @@ from mesh.deadletter import DeadLetters
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
 from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
-from mesh.topology import TopicError
-from mesh.transport import PublishError, Transport, is_stale, settle
+from mesh.topology import TopicError, TopologyError
+from mesh.transport import PublishError, Refused, Transport, is_stale, settle
 
 logger = logging.getLogger(__name__)
 
@@ -430,8 +430,15 @@ class Behaviour:
         if message.type is MessageType.REQUEST:
             operation = message.topic.rsplit(".", 1)[-1]
             return self._operations.get(operation)
+        internal = topology.is_internal(message.topic)
         for route in self._subscriptions:
-            if route.spec.pattern and topology.matches(route.spec.pattern, message.topic):
+            pattern = route.spec.pattern
+            # Lanes never cross: "#" matches "_registry.join" as a pattern, not as a binding.
+            if (
+                pattern
+                and topology.is_internal(pattern) == internal
+                and topology.matches(pattern, message.topic)
+            ):
                 return route
         return None
 
@@ -607,9 +614,17 @@ class _Dispatch:
         incoming = self.incoming
         logger.warning("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
         if message.type is MessageType.REQUEST:
-            await b.agent.reply(message, {"error": reason, "type": "InvalidRequest"}, error=True)
+            await self._answer_error(message, {"error": reason, "type": "InvalidRequest"})
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
         await settle(incoming.ack())
+
+    async def _answer_error(self, request: Message, body: dict[str, str]) -> None:
+        """Tell the caller why its request failed; a lost answer is logged, not retried
+        (requests are never retried: that would run the handler behind the caller's back)."""
+        try:
+            await self.behaviour.agent.reply(request, body, error=True)
+        except PublishError as exc:
+            logger.error("error reply to %s lost: %s", request.reply_to, exc)
 
     async def _failed(self, message: Message, route: Route, exc: Exception) -> None:
         b = self.behaviour
@@ -618,7 +633,7 @@ class _Dispatch:
         if message.type is MessageType.REQUEST:
             # The caller is waiting: answer now rather than retrying behind its back.
             logger.warning("%s.%s failed: %s", b.name, route.name, summary)
-            await b.agent.reply(message, {"error": summary, "type": type(exc).__name__}, error=True)
+            await self._answer_error(message, {"error": summary, "type": type(exc).__name__})
             await settle(incoming.ack())
             return
         attempt = message.attempt
@@ -633,14 +648,31 @@ class _Dispatch:
                 delay,
                 summary,
             )
-            await b.agent.retries.send(incoming, b.queue_name, attempt=attempt + 1, delay=delay)
+            try:
+                await b.agent.retries.send(
+                    incoming, b.queue_name, attempt=attempt + 1, delay=delay
+                )
+            except (Refused, TopologyError) as retry_error:
+                # No retry copy can be made (a delay queue declared otherwise, no right to
+                # publish it): a redelivery now would fail the same way, so give up here.
+                reason = (
+                    f"handler {b.name}.{route.name} failed (attempt {attempt}): {summary}; "
+                    f"could not schedule a retry: {retry_error}"
+                )
+                await self._dead_letter(message, reason)
+                return
             await settle(incoming.ack())
             return
         frames = traceback.extract_tb(exc.__traceback__)[-3:]
         where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in frames)
-        reason = (
-            f"handler {b.name}.{route.name} failed {attempt} times; last: {summary} (at {where})"
+        await self._dead_letter(
+            message,
+            f"handler {b.name}.{route.name} failed {attempt} times; last: {summary} (at {where})",
         )
+
+    async def _dead_letter(self, message: Message, reason: str) -> None:
+        b = self.behaviour
+        incoming = self.incoming
         logger.error("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
         await settle(incoming.ack())

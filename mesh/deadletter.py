@@ -10,7 +10,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from mesh import topology
 from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_USER, forwarded, mesh_id
-from mesh.transport import Transport, settle
+from mesh.transport import Transport, Unroutable, settle
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,19 @@ class DeadLetters:
         headers[H_DEAD_BY] = self.agent
         sender_id = mesh_id(incoming) if sender_id is None else sender_id
         copy = forwarded(incoming, headers, expiring=False, sender_id=sender_id)
-        await self.transport.publish(
-            topology.DEAD_LETTER_EXCHANGE, incoming.routing_key or "", copy
-        )
+        key = incoming.routing_key or ""
+        # Mandatory: a dead letter the broker confirms into no queue would be gone for good.
+        try:
+            await self.transport.publish(topology.DEAD_LETTER_EXCHANGE, key, copy, mandatory=True)
+        except Unroutable:
+            settings = self.transport.settings
+            stream = await topology.declare_dead_letter_stream(
+                self.transport.channel,
+                settings.dead_letter_max_bytes,
+                settings.dead_letter_max_age,
+            )
+            await stream.bind(topology.DEAD_LETTER_EXCHANGE, "#")
+            await self.transport.publish(topology.DEAD_LETTER_EXCHANGE, key, copy, mandatory=True)
         logger.info("dead-lettered %s from %s: %s", sender_id, queue, reason)
 
 

@@ -227,9 +227,17 @@ async def declare_exchanges(
             INTERNAL_EXCHANGE,
             DEAD_LETTER_EXCHANGE,
             RETRY_EXCHANGE,
-            REQUEUE_EXCHANGE,
         )
     }
+    # A retry copy whose queue is gone (deleted, or a broadcast queue that expired) would
+    # otherwise wait in its delay queue for ever: at-least-once dead-lettering keeps what it
+    # cannot route.  The alternate exchange sends it to mesh.dead instead.
+    exchanges[REQUEUE_EXCHANGE] = await channel.declare_exchange(
+        REQUEUE_EXCHANGE,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": DEAD_LETTER_EXCHANGE},
+    )
     gateway = await declare_gateway_queue(channel)
     await gateway.bind(exchanges[POLICY_EXCHANGE], "#")
     internal = await declare_internal_gateway_queue(channel)

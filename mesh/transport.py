@@ -89,6 +89,10 @@ class Unroutable(PublishError):
     """A mandatory message matched no queue."""
 
 
+class Refused(PublishError):
+    """The broker refused the message (no such exchange, no permission); retrying won't help."""
+
+
 class Transport:
     """Robust AMQP connections shared by everything in one agent instance.
 
@@ -207,7 +211,7 @@ class Transport:
                     )
             except (DeliveryError, ChannelClosed) as exc:
                 # A refusal (no permission, no such exchange …) will not change on retry.
-                raise PublishError(
+                raise Refused(
                     f"broker refused message to {exchange}/{routing_key}: {exc}"
                 ) from exc
             except TimeoutError:

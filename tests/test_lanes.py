@@ -126,3 +126,30 @@ async def test_a_renamed_pattern_no_longer_delivers_after_restart(settings: Sett
             assert drain(after.seen) == []
             # Still bound, reading.old would have reached the queue and found no handler.
             assert await broker.dead_letters_through_marker() == []
+
+
+class Mixed(SubscriberBehaviour):
+    """A catch-all user pattern declared before a registry handler in one behaviour."""
+
+    @on("#")
+    async def anything(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(("user", msg.topic))
+
+    @on_registry("join")
+    async def joined(self, msg: Message, payload: dict[str, object]) -> None:
+        host(self).seen.put_nowait(("registry", payload["agent"]))
+
+
+async def test_lanes_do_not_cross_inside_one_behaviour(settings: Settings) -> None:
+    """``#`` matches ``_registry.join`` as a string; the dispatch still keeps it for the
+    ``@on_registry`` handler, whatever the order of the handlers."""
+    mixed = subscriber(settings, Mixed, agent_id="mixed")
+    async with running(Gateway(settings=settings), mixed):
+        async with running(Host("newcomer", settings=settings)):
+            seen = await take(mixed.seen, 1)
+            while seen[-1] != ("registry", "newcomer"):
+                seen += await take(mixed.seen, 1)
+        await mixed.publish("user.event", {})
+        seen += await take(mixed.seen, 1)
+    assert [kind for kind, _ in seen if kind == "user"] == ["user"]
+    assert ("user", "user.event") in seen

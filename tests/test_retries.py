@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import asyncio
 
-from agents_reliability import Host, counts_are, drain, host, peek, subscriber
+import aio_pika
+from agents_reliability import Host, Peek, counts_are, drain, host, peek, subscriber
 from helpers import eventually, running, take
+from pydantic import BaseModel
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, Settings, on, topology
 from mesh.devservices import BrokerAdmin
 from mesh.envelope import H_REASON
 from mesh.gateway import Gateway
+
+
+class Order(BaseModel):
+    item: str
+    qty: int
 
 
 class Held(SubscriberBehaviour):
@@ -169,3 +176,55 @@ async def test_retried_message_keeps_its_sender_and_id(settings: Settings) -> No
     assert (second.topic, second.app_id, second.user_id, second.payload) == (
         "rec.item", "pub", first.user_id, {"k": 1},
     )
+
+
+class Forever(SubscriberBehaviour):
+    retry_delays = (1.0,)
+
+    @on("forever.item")
+    async def item(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg.attempt)
+        raise RuntimeError("always")
+
+
+async def test_a_retry_whose_queue_is_gone_ends_in_mesh_dead(settings: Settings) -> None:
+    """A copy waiting out its delay when its queue is deleted is dead-lettered, not kept
+    in the delay queue for ever."""
+    sub = subscriber(settings, Forever)
+    async with running(Gateway(settings=settings), sub), peek(settings) as broker:
+        message_id = await sub.publish("forever.item", {})
+        assert await take(sub.seen, 1) == [1]
+        await sub.stop_behaviour(Forever.name)
+        channel = await broker.connection.channel()
+        await channel.queue_delete(topology.behaviour_queue("sub", Forever.name))
+        dead = await broker.dead_letter(message_id)
+        # What a dead letter from the broker carries (a stream keeps no x-death array).
+        assert (dead.headers or {})["x-first-death-queue"] == topology.retry_queue(1000)
+
+
+class Picky(SubscriberBehaviour):
+    @on("picky.item", model=Order)
+    async def item(self, msg: Message, order: Order) -> None: ...
+
+
+async def test_dead_letters_survive_a_deleted_mesh_dead(settings: Settings) -> None:
+    """With ``mesh.dead`` deleted under a running agent, its next dead letter re-declares
+    the stream rather than being confirmed into nowhere."""
+    sub = subscriber(settings, Picky)
+    async with running(Gateway(settings=settings), sub), peek(settings) as broker:
+        channel = await broker.connection.channel()
+        await channel.queue_delete(topology.DEAD_LETTER_QUEUE)
+        message_id = await sub.publish("picky.item", {"item": "tea"})
+        await eventually(lambda: exists(broker, topology.DEAD_LETTER_QUEUE))
+        dead = await broker.dead_letter(message_id)
+        assert "does not match Order" in str((dead.headers or {})[H_REASON])
+
+
+async def exists(broker: Peek, queue: str) -> bool:
+    channel = await broker.connection.channel()
+    try:
+        await channel.declare_queue(queue, passive=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    await channel.close()
+    return True

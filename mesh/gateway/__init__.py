@@ -1,4 +1,5 @@
-"""The gateway: every message passes it on its way from ``mesh.policy`` to ``mesh.topic``."""
+"""The gateway: every message passes it, on the user lane (``mesh.policy`` to ``mesh.topic``)
+or the mesh's own (``mesh.policy.internal`` to ``mesh.internal``)."""
 
 from mesh.gateway.agent import Gateway, default_stages
 from mesh.gateway.pipeline import Denied, Passage, Pipeline, Stage

@@ -23,7 +23,7 @@ from mesh.envelope import (
 )
 from mesh.gateway.pipeline import Denied, Passage, Pipeline
 from mesh.topology import TopicError
-from mesh.transport import PublishError, Unroutable, settle
+from mesh.transport import PublishError, Refused, Unroutable, is_stale, settle
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class Relay(Behaviour):
             with logcontext.handling(incoming.message_id or "-"):
                 await self.relay(incoming)
         except Exception as exc:
+            if is_stale(incoming):
+                # Its channel closed, so the broker requeued it: another try will come.
+                logger.warning("relay of %s interrupted: %r", incoming.message_id, exc)
+                return
             # Whatever went wrong, the message must not be retried into the same failure
             # on every replica: dead-letter it with the reason, or failing that reject it
             # (mesh.gateway dead-letters a rejected message; mesh.gateway.internal drops it).
@@ -101,11 +105,15 @@ class Relay(Behaviour):
             )
         except Unroutable:
             await self._no_route(passage)
+        except Refused:
+            raise  # no replica can relay it: handle_delivery dead-letters it with the reason
         except PublishError as exc:
             logger.error("relay of %s failed, requeueing: %s", incoming.message_id, exc)
-            await incoming.nack(requeue=True)
+            await settle(incoming.nack(requeue=True))
             return
-        await incoming.ack()
+        # The copy is out: an ack lost with its channel only means a duplicate, never a
+        # dead letter of a message that was relayed.
+        await settle(incoming.ack())
 
     async def _no_route(self, passage: Passage) -> None:
         words = passage.routing_key.split(".", 2)
@@ -144,7 +152,7 @@ class Relay(Behaviour):
             headers=_sender_headers(incoming),
             sender_id=incoming.message_id or "",
         )
-        await incoming.ack()
+        await settle(incoming.ack())
 
     async def _notify(self, passage: Passage, body: dict[str, Any]) -> None:
         """Tell the sender: on its reply route for a request, else on its error route.
