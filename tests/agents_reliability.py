@@ -26,9 +26,10 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from pydantic import BaseModel
 
 from behaviours import SubscriberBehaviour
-from mesh import Agent, Behaviour, Message, Settings, on, topology
+from mesh import Agent, Behaviour, Message, Settings, on, rpc, topology
 from mesh.deadletter import DeadLetterStream
 from mesh.devservices import BrokerAdmin
 
@@ -68,6 +69,36 @@ class Hold(SubscriberBehaviour):
         agent.seen.put_nowait(("started", msg.message_id))
         await agent.release.wait()
         agent.seen.put_nowait(("finished", msg.message_id))
+
+
+class Listen(SubscriberBehaviour):
+    """Puts every ``news.#`` message on its agent's ``seen``."""
+
+    @on("news.#")
+    async def news(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg)
+
+
+class Service(Host):
+    """Listens to news and echoes ``echo`` requests, recording both."""
+
+    behaviours = [Listen]
+
+    @rpc("echo")
+    async def echo(self, msg: Message, payload: object) -> object:
+        self.seen.put_nowait(msg)
+        return payload
+
+
+class Order(BaseModel):
+    item: str
+    qty: int
+
+
+class Orders(SubscriberBehaviour):
+    @on("orders.*", model=Order)
+    async def order(self, msg: Message, order: Order) -> None:
+        host(self).seen.put_nowait(order)
 
 
 def drain(queue: asyncio.Queue[Any]) -> list[Any]:

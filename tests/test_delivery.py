@@ -10,6 +10,8 @@ import pytest
 from agents_reliability import (
     Hold,
     Host,
+    Order,
+    Orders,
     counts_are,
     drain,
     host,
@@ -18,18 +20,12 @@ from agents_reliability import (
     user_of,
 )
 from helpers import eventually, running, take
-from pydantic import BaseModel
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, Settings, on, topology
 from mesh.devservices import BrokerAdmin
 from mesh.envelope import H_REASON
 from mesh.gateway import Gateway
-
-
-class Order(BaseModel):
-    item: str
-    qty: int
 
 
 class Flaky(SubscriberBehaviour):
@@ -60,11 +56,6 @@ class Broken(SubscriberBehaviour):
 class BrokenTwice(Broken):
     max_deliveries = 2
 
-
-class Orders(SubscriberBehaviour):
-    @on("orders.*", model=Order)
-    async def order(self, msg: Message, order: Order) -> None:
-        host(self).seen.put_nowait(order)
 
 
 class Share(SubscriberBehaviour):

@@ -7,11 +7,10 @@ import logging
 from collections import Counter
 
 import pytest
-from agents_reliability import Host, counts_are, drain, host, peek, user_of
+from agents_reliability import Host, Service, counts_are, drain, peek, user_of
 from helpers import eventually, running, take
 
-from behaviours import SubscriberBehaviour
-from mesh import Message, RemoteError, Settings, on, rpc, topology
+from mesh import RemoteError, Settings, topology
 from mesh.devservices import BrokerAdmin
 from mesh.envelope import H_REASON, H_USER
 from mesh.gateway import Gateway, Passage, default_stages
@@ -19,19 +18,6 @@ from mesh.gateway import Gateway, Passage, default_stages
 AUDIT_LOGGER = "mesh.gateway.audit"
 
 
-class Listen(SubscriberBehaviour):
-    @on("news.#")
-    async def news(self, msg: Message, payload: object) -> None:
-        host(self).seen.put_nowait(msg)
-
-
-class Service(Host):
-    behaviours = [Listen]
-
-    @rpc("echo")
-    async def echo(self, msg: Message, payload: object) -> object:
-        self.seen.put_nowait(msg)
-        return payload
 
 
 class Count:

@@ -9,13 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aio_pika
-from agents_reliability import Host, drain, host, peek, subscriber
+from agents_reliability import Host, Listen, Orders, drain, peek, subscriber
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from helpers import running, take
-from pydantic import BaseModel
 
-from behaviours import SubscriberBehaviour
-from mesh import Message, RemoteError, Settings, on, topology
+from mesh import Message, RemoteError, Settings, topology
 from mesh.envelope import MessageType
 from mesh.gateway import Gateway
 
@@ -23,21 +21,7 @@ H_MESH_ID = "x-mesh-id"  # the header is part of the wire format: spelled out he
 FORGED = "forged-id"
 
 
-class Listen(SubscriberBehaviour):
-    @on("news.#")
-    async def news(self, msg: Message, payload: object) -> None:
-        host(self).seen.put_nowait(msg)
 
-
-class Order(BaseModel):
-    item: str
-    qty: int
-
-
-class Orders(SubscriberBehaviour):
-    @on("orders.*", model=Order)
-    async def order(self, msg: Message, order: Order) -> None:
-        host(self).seen.put_nowait(order)
 
 
 class Twinning(Host):

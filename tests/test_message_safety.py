@@ -12,9 +12,8 @@ import aio_pika
 import pytest
 from agents_core import Recorder, recorder
 from agents_reliability import (
-    Host,
+    Service,
     consumers,
-    host,
     mesh_id,
     peek,
     vhost_of,
@@ -203,14 +202,6 @@ async def test_stop_or_kill_during_teardown_waits_for_the_handler_in_flight(
 # --- the gateway takes no control commands over the mesh but ping ----------------------------
 
 
-class Listen(SubscriberBehaviour):
-    @on("news.#")
-    async def news(self, msg: Message, payload: object) -> None:
-        host(self).seen.put_nowait(msg)
-
-
-class Service(Host):
-    behaviours = [Listen]
 
 
 async def assert_relay_runs(gateway: Gateway, client: Client, service: Service) -> None:

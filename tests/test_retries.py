@@ -6,20 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import aio_pika
-from agents_reliability import Host, Peek, counts_are, drain, host, peek, subscriber
+from agents_reliability import Host, Order, Peek, counts_are, drain, host, peek, subscriber
 from helpers import eventually, running, take
-from pydantic import BaseModel
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, Settings, on, topology
 from mesh.devservices import BrokerAdmin
 from mesh.envelope import H_REASON
 from mesh.gateway import Gateway
-
-
-class Order(BaseModel):
-    item: str
-    qty: int
 
 
 class Held(SubscriberBehaviour):
