@@ -234,7 +234,7 @@ class Behaviour:
     def bindings(self) -> list[Binding]:
         """Every binding ``declare_queue`` makes; a start removes those a former one made."""
         found = [Binding(topology.delivery_exchange(key), key) for key in self.binding_keys]
-        return [*found, Binding(topology.REQUEUE_EXCHANGE, f"*.{self.queue_name}")]
+        return [*found, Binding(topology.REQUEUE_EXCHANGE, topology.requeue_key(self.queue_name))]
 
     @property
     def queue_name(self) -> str:

@@ -167,6 +167,11 @@ def retry_queue(delay_ms: int) -> str:
     return f"mesh.retry.{delay_ms}"
 
 
+def requeue_key(queue: str) -> str:
+    """The binding on ``mesh.requeue`` that brings ``queue``'s retried messages back."""
+    return f"*.{queue}"
+
+
 def retry_key(delay_ms: int, queue: str) -> str:
     """Routing key on ``mesh.retry``: which delay, and which queue the message returns to."""
     return f"{delay_ms}.{queue}"
@@ -308,7 +313,7 @@ async def _bind(queue: AbstractQueue, patterns: list[str]) -> AbstractQueue:
     for pattern in patterns:
         await queue.bind(delivery_exchange(pattern), pattern)
     # Retried messages come back by the queue's own name (see declare_retry_queue).
-    await queue.bind(REQUEUE_EXCHANGE, f"*.{queue.name}")
+    await queue.bind(REQUEUE_EXCHANGE, requeue_key(queue.name))
     return queue
 
 
