@@ -633,7 +633,9 @@ class _Dispatch:
         if message.type is MessageType.REQUEST:
             # The caller is waiting: answer now rather than retrying behind its back.
             logger.warning("%s.%s failed: %s", b.name, route.name, summary)
-            await self._answer_error(message, {"error": summary, "type": type(exc).__name__})
+            # The type travels on its own: RemoteError shows "Type: detail" once.
+            detail = str(exc) or type(exc).__name__
+            await self._answer_error(message, {"error": detail, "type": type(exc).__name__})
             await settle(incoming.ack())
             return
         attempt = message.attempt

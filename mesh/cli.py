@@ -43,9 +43,19 @@ def load_agent_class(spec: str) -> type[Agent]:
     except ImportError as exc:
         raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
     cls = getattr(module, attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, Agent)):
-        raise click.BadParameter(f"{spec!r} is not an Agent subclass")
-    return cls
+    if isinstance(cls, type) and issubclass(cls, Agent):
+        return cls
+    found = sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, Agent) and value.__module__ == module_name
+    )
+    problem = (
+        f"module {module_name!r} has no {attr!r}"
+        if cls is None
+        else f"{spec!r} is not an Agent subclass"
+    )
+    raise click.BadParameter(f"{problem} (Agent classes in it: {', '.join(found) or 'none'})")
 
 
 def settings_or_exit() -> Settings:

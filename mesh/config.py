@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -14,6 +17,8 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 ENV_PREFIX = "MESH_"
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -49,6 +54,16 @@ class Settings(BaseModel):
     heartbeat_ttl: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, gt=0)
 
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        return _check_scheme(value, ("amqp", "amqps"))
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        return _check_scheme(value, ("redis", "rediss", "unix"))
+
     @field_validator("retry_delays", mode="before")
     @classmethod
     def _split_delays(cls, value: Any) -> Any:
@@ -75,6 +90,7 @@ class Settings(BaseModel):
             raw = env.get(ENV_PREFIX + name.upper())
             if raw is not None:
                 values[name] = raw
+        _warn_misspelt(env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(values)
@@ -84,6 +100,33 @@ class Settings(BaseModel):
                 for err in exc.errors()
             )
             raise ConfigError(f"invalid mesh settings: {problems}") from None
+
+
+def _check_scheme(url: str, schemes: tuple[str, ...]) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in schemes:
+        raise ValueError(
+            f"URL scheme {scheme or '(none)'!r} is not one of {', '.join(schemes)} "
+            f"(write it as {schemes[0]}://host:port/…)"
+        )
+    return url
+
+
+def _warn_misspelt(env: Mapping[str, str]) -> None:
+    """Warn about a ``MESH_*`` variable that is almost a setting's name (a typo).
+
+    Only near misses: other ``MESH_*`` variables (Kubernetes service links such as
+    ``MESH_BRIDGE_SERVICE_HOST``, tooling of one's own) are none of the mesh's business.
+    """
+    known = [ENV_PREFIX + name.upper() for name in Settings.model_fields] + [
+        ENV_PREFIX + "CONFIG"
+    ]
+    for variable in env:
+        if not variable.startswith(ENV_PREFIX) or variable in known:
+            continue
+        close = difflib.get_close_matches(variable, known, n=1, cutoff=0.85)
+        if close:
+            logger.warning("%s is not a mesh setting; did you mean %s?", variable, close[0])
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

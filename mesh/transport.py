@@ -151,12 +151,30 @@ class Transport:
             return await aio_pika.connect_robust(
                 self.settings.amqp_url, client_properties={"connection_name": name}
             )
-        except (AMQPConnectionError, OSError) as exc:
-            url = urlsplit(self.settings.amqp_url)  # named without the password
+        except aiormq.exceptions.ProbableAuthenticationError:
             raise BrokerUnavailable(
-                f"RabbitMQ unreachable at {url.hostname}:{url.port or 5672}{url.path or '/'} "
+                f"RabbitMQ at {self._where()} refused the login of user {self.user!r}: "
+                "check the user and password in MESH_AMQP_URL"
+            ) from None
+        except aiormq.exceptions.InvalidFrameError:
+            # The broker answers Connection.Open with a close: no such vhost, or no access.
+            raise BrokerUnavailable(
+                f"RabbitMQ at {self._where()} refused user {self.user!r} access to vhost "
+                f"{self._vhost()!r}: it does not exist or the user has no permissions there "
+                f"(rabbitmqctl add_vhost / set_permissions)"
+            ) from None
+        except (AMQPConnectionError, OSError) as exc:
+            raise BrokerUnavailable(
+                f"RabbitMQ unreachable at {self._where()}/{self._vhost().lstrip('/')} "
                 f"({exc}); start it or point MESH_AMQP_URL at it"
             ) from None
+
+    def _where(self) -> str:
+        url = urlsplit(self.settings.amqp_url)  # named without the password
+        return f"{url.hostname}:{url.port or 5672}"
+
+    def _vhost(self) -> str:
+        return unquote(urlsplit(self.settings.amqp_url).path[1:]) or "/"
 
     async def open_channel(
         self, prefetch: int | None = None, *, confirms: bool = True

@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from helpers import free_port
+
+from mesh.devservices import Services
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +49,35 @@ def test_bad_input_gets_a_clear_error() -> None:
     assert result.returncode != 0
     assert "payload is not JSON" in result.stderr
 
-    result = mesh("run", "examples.vehicles:Nope", "--id", "x", **nowhere)
+    result = mesh("run", "examples.vehicles:Reading", "--id", "x", **nowhere)
     assert result.returncode != 0
-    assert "is not an Agent subclass" in result.stderr
+    assert "'examples.vehicles:Reading' is not an Agent subclass" in result.stderr
+
+
+def test_run_names_the_missing_class_and_the_modules_agents() -> None:
+    """A misspelt class is named, with the Agent classes the module does have."""
+    result = mesh("run", "examples.vehicles:Vehicel", "--id", "v1")
+    assert result.returncode == 2
+    assert "module 'examples.vehicles' has no 'Vehicel'" in result.stderr
+    assert "Agent classes in it: Monitor, Vehicle" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_vhost_and_bad_password_are_named_in_one_line(services: Services) -> None:
+    """A vhost the user cannot open, or a refused login, is one line naming vhost and user
+    (not an InvalidFrameError traceback, nor "unreachable")."""
+    broker = urlsplit(services.settings.amqp_url)
+    where = f"{broker.hostname}:{broker.port or 5672}"
+    result = mesh("ping", MESH_AMQP_URL=f"amqp://guest:guest@{where}/no-such-vhost")
+    assert result.returncode == 1
+    assert (
+        "refused user 'guest' access to vhost 'no-such-vhost': it does not exist or the user "
+        "has no permissions there" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+
+    result = mesh("ping", MESH_AMQP_URL=f"amqp://guest:not-the-password@{where}/")
+    assert result.returncode == 1
+    assert "refused the login of user 'guest'" in result.stderr
+    assert "not-the-password" not in result.stderr
+    assert "Traceback" not in result.stderr

@@ -184,6 +184,7 @@ async def test_raising_handler_gives_remote_error(settings: Settings) -> None:
         error = caught.value
         assert error.error_type == "ValueError"
         assert "cannot handle {'x': 1}" in error.detail
+        assert str(error) == "calc.fail failed: ValueError: cannot handle {'x': 1}"
         assert (error.agent, error.operation) == ("calc", "fail")
         assert calc.counts["fail"] == 1
 
