@@ -12,6 +12,7 @@ import contextvars
 import logging
 import re
 import traceback
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -102,16 +103,37 @@ def _mark(spec: RouteSpec) -> Callable[[F], F]:
 
 def collect_routes(owner: object) -> list[Route]:
     """The routes declared on ``owner``'s class, bound to ``owner``, in definition order."""
-    routes: list[Route] = []
+    return [
+        Route(spec=spec, handler=getattr(owner, attr), name=attr)
+        for attr, spec in _route_specs(type(owner))
+    ]
+
+
+def _route_specs(owner: type) -> list[tuple[str, RouteSpec]]:
+    specs: list[tuple[str, RouteSpec]] = []
     seen: set[str] = set()
-    for cls in type(owner).__mro__:
+    for cls in owner.__mro__:
         for attr, value in vars(cls).items():
             if attr in seen:
                 continue
             seen.add(attr)
-            for spec in getattr(value, _ROUTES_ATTR, ()):
-                routes.append(Route(spec=spec, handler=getattr(owner, attr), name=attr))
-    return routes
+            specs.extend((attr, spec) for spec in getattr(value, _ROUTES_ATTR, ()))
+    return specs
+
+
+def _warn_overlaps(cls: type) -> None:
+    """Only the first ``@on`` handler whose pattern matches runs: say so where two overlap."""
+    handlers = [(attr, spec.pattern) for attr, spec in _route_specs(cls) if spec.pattern]
+    for n, (first, first_pattern) in enumerate(handlers):
+        for second, second_pattern in handlers[n + 1 :]:
+            same_lane = topology.is_internal(first_pattern) == topology.is_internal(second_pattern)
+            if first != second and same_lane and topology.overlap(first_pattern, second_pattern):
+                warnings.warn(
+                    f"{cls.__name__}: patterns {first_pattern!r} ({first}) and "
+                    f"{second_pattern!r} ({second}) overlap; a message matching both goes "
+                    f"to {first} only",
+                    stacklevel=3,
+                )
 
 
 class Host(Protocol):
@@ -200,6 +222,7 @@ class Behaviour:
             not cls.retry_delays or min(cls.retry_delays) < 0.001
         ):
             raise ValueError(f"{cls.__name__}: retry_delays must be one or more delays >= 0.001 s")
+        _warn_overlaps(cls)
 
     def __init__(self, agent: Host) -> None:
         self.agent = agent

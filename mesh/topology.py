@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from itertools import accumulate
 from typing import Any
 
@@ -128,6 +128,26 @@ def matches(pattern: str, topic: str) -> bool:
     if "*" not in pattern and "#" not in pattern:
         return pattern == topic
     return _words_match(pattern.split("."), topic.split("."))
+
+
+def overlap(first: str, second: str) -> bool:
+    """Whether some topic matches both binding patterns."""
+    a, b = first.split("."), second.split(".")
+
+    @cache
+    def common(i: int, j: int) -> bool:
+        # Whether a[i:] and b[j:] can match one and the same sequence of words.
+        if i == len(a) and j == len(b):
+            return True
+        if i < len(a) and a[i] == "#":
+            return common(i + 1, j) or (j < len(b) and common(i, j + 1))
+        if j < len(b) and b[j] == "#":
+            return common(i, j + 1) or (i < len(a) and common(i + 1, j))
+        if i < len(a) and j < len(b) and (a[i] == b[j] or "*" in (a[i], b[j])):
+            return common(i + 1, j + 1)
+        return False
+
+    return common(0, 0)
 
 
 def _words_match(pattern: list[str], words: list[str]) -> bool:

@@ -10,6 +10,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel
 
+from behaviours import SubscriberBehaviour
 from mesh import (
     Agent,
     EnvelopeError,
@@ -18,6 +19,7 @@ from mesh import (
     Settings,
     TopicError,
     TopologyError,
+    on,
     rpc,
     topology,
 )
@@ -325,3 +327,35 @@ async def test_queue_declared_differently_before_names_the_conflict(settings: Se
     with pytest.raises(TopologyError, match=r"mesh\.q\.old\.rpc.*delete"):
         await agent.start()
     await agent.stop()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ("a.*", "a.b", True),
+        ("a.#", "b.#", False),
+        ("a.*.c", "a.b.*", True),
+        ("a.*", "a.*.c", False),
+        ("a.#.c", "a.c", True),
+        ("x.y", "x.z", False),
+        ("*.#", "a", True),
+        ("#", "#", True),
+    ],
+)
+def test_overlap_says_whether_some_topic_matches_both(
+    first: str, second: str, expected: bool
+) -> None:
+    assert topology.overlap(first, second) is expected
+    assert topology.overlap(second, first) is expected
+
+
+def test_overlapping_patterns_in_one_behaviour_are_warned_about() -> None:
+    """Only the first matching ``@on`` handler runs: two overlapping patterns say which."""
+    with pytest.warns(UserWarning, match=r"'vehicle.\*.speed' \(a\) and 'vehicle.v7.#' \(b\)"):
+
+        class Both(SubscriberBehaviour):
+            @on("vehicle.*.speed")
+            async def a(self, msg: Message, payload: object) -> None: ...
+
+            @on("vehicle.v7.#")
+            async def b(self, msg: Message, payload: object) -> None: ...
