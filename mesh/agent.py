@@ -169,7 +169,6 @@ class Agent(Service):
         self.behaviour_map: dict[str, Behaviour] = {}
         self._awaited: dict[str, _Awaited] = {}
         self._inbox_channel: AbstractRobustChannel | None = None
-        self._inbox: AbstractQueue | None = None
         self._inbox_generation = 0
         super().__init__()
         for cls in self._behaviour_classes():
@@ -253,7 +252,6 @@ class Agent(Service):
         name = topology.inbox_queue(self.id, self.instance, self._inbox_generation)
         inbox = await topology.declare_inbox(channel, name, keys)
         await inbox.consume(self._on_inbox, no_ack=True, robust=False)
-        self._inbox = inbox
 
     async def _reopen_inbox(self, channel: AbstractRobustChannel | None) -> None:
         # Called by aio-pika once the channel is back after a reconnect; its errors would

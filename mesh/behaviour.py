@@ -230,6 +230,11 @@ class Behaviour:
         self.exit_code: int | None = None
         self.routes = collect_routes(self)
         self._subscriptions = [r for r in self.routes if r.spec.pattern is not None]
+        # Per lane, sorted once: "#" matches "_registry.join" as a pattern, not as a binding.
+        self._lanes: dict[bool, list[tuple[str, Route]]] = {False: [], True: []}
+        for route in self._subscriptions:
+            pattern = route.spec.pattern or ""
+            self._lanes[topology.is_internal(pattern)].append((pattern, route))
         self._operations = {r.spec.operation: r for r in self.routes if r.spec.operation}
         self._task: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
@@ -453,15 +458,8 @@ class Behaviour:
         if message.type is MessageType.REQUEST:
             operation = message.topic.rsplit(".", 1)[-1]
             return self._operations.get(operation)
-        internal = topology.is_internal(message.topic)
-        for route in self._subscriptions:
-            pattern = route.spec.pattern
-            # Lanes never cross: "#" matches "_registry.join" as a pattern, not as a binding.
-            if (
-                pattern
-                and topology.is_internal(pattern) == internal
-                and topology.matches(pattern, message.topic)
-            ):
+        for pattern, route in self._lanes[topology.is_internal(message.topic)]:
+            if topology.matches(pattern, message.topic):
                 return route
         return None
 

@@ -52,15 +52,6 @@ async def test_a_catch_all_subscriber_sees_user_events_only(settings: Settings) 
         assert await broker.dead_letters_through_marker() == []
 
 
-@pytest.mark.parametrize("pattern", ["_req.#", "_registry.join", "_ctl.*.*"])
-def test_patterns_of_the_mesh_lane_are_refused(pattern: str) -> None:
-    with pytest.raises(TopicError, match="belong to the mesh"):
-
-        class Sneaky(SubscriberBehaviour):
-            @on(pattern)
-            async def handle(self, msg: Message, payload: object) -> None: ...
-
-
 def test_unknown_registry_event_is_refused() -> None:
     with pytest.raises(TopicError, match="unknown registry event 'joined'"):
         on_registry("joined")

@@ -265,7 +265,9 @@ async def test_gateway_denies_control_commands_other_than_ping(
 # --- receivers do not trust claims -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("pattern", ["_req.#", "_reply.#", "_ctl.#", "_req.slow.work"])
+@pytest.mark.parametrize(
+    "pattern", ["_req.#", "_reply.#", "_ctl.#", "_req.slow.work", "_registry.join"]
+)
 def test_on_rejects_the_mesh_reserved_keys(pattern: str) -> None:
     """``@on`` cannot bind requests, replies or control: ``TopicError`` at class definition."""
     with pytest.raises(TopicError, match="belong to the mesh"):
