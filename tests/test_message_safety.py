@@ -390,10 +390,10 @@ async def test_expired_request_is_dropped_not_dead_lettered(
         dead = await broker.dead_letters_through_marker()
         assert [(d.routing_key, mesh_id(d)) for d in dead] == []
 
-        assert caller._inbox is not None
         rows = await queue_rows(admin, settings)
+        inbox = topology.inbox_queue(caller.id, caller.instance, 1)  # its first connection's
         assert "x-dead-letter-exchange" not in rows[queue]["arguments"]
-        assert "x-dead-letter-exchange" not in rows[caller._inbox.name]["arguments"]
+        assert "x-dead-letter-exchange" not in rows[inbox]["arguments"]
 
 
 async def test_dead_letter_queue_is_a_stream_bounded_by_the_settings(
