@@ -36,6 +36,9 @@ class Settings(BaseModel):
 
     amqp_url: str = DEFAULT_AMQP_URL
     redis_url: str = DEFAULT_REDIS_URL
+    management_url: str | None = None
+    """RabbitMQ's management API (``mesh queues``, ``mesh forget``); by default the AMQP
+    URL's host and user on port 15672."""
     namespace: str = Field(default="mesh", pattern=r"^[A-Za-z0-9_.:-]+$")
     prefetch: int = Field(default=100, ge=1, le=65535)
     max_deliveries: int = Field(default=5, ge=1)
@@ -63,6 +66,11 @@ class Settings(BaseModel):
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         return _check_scheme(value, ("redis", "rediss", "unix"))
+
+    @field_validator("management_url")
+    @classmethod
+    def _management_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else _check_scheme(value, ("http", "https"))
 
     @field_validator("retry_delays", mode="before")
     @classmethod

@@ -31,12 +31,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from mesh.config import ConfigError, Settings
+from mesh.management import ManagementAPI, management_url
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +266,7 @@ class PrivateRabbit:
     node: str
     port: int
     rabbitmqctl: str
+    management_port: int | None = None
 
     @property
     def pidfile(self) -> Path:
@@ -285,14 +289,26 @@ class PrivateRabbit:
         return pid if pid is not None and _pid_alive(pid, str(self.directory)) else None
 
     def save(self) -> None:
-        state = {"node": self.node, "port": self.port, "rabbitmqctl": self.rabbitmqctl}
+        state = {
+            "node": self.node,
+            "port": self.port,
+            "rabbitmqctl": self.rabbitmqctl,
+            "management_port": self.management_port,
+        }
         (self.directory / "state.json").write_text(json.dumps(state))
 
     @classmethod
     def load(cls, directory: Path) -> PrivateRabbit | None:
         try:
             state = json.loads((directory / "state.json").read_text())
-            return cls(directory, str(state["node"]), int(state["port"]), str(state["rabbitmqctl"]))
+            management = state.get("management_port")
+            return cls(
+                directory,
+                str(state["node"]),
+                int(state["port"]),
+                str(state["rabbitmqctl"]),
+                None if management is None else int(management),
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -371,7 +387,20 @@ class Services:
         rabbit = self.private_rabbit
         if rabbit is not None:
             env["MESH_RABBITMQ_NODE"] = rabbit.node
+            if rabbit.management_port is not None:
+                env["MESH_MANAGEMENT_URL"] = self.management_url
         return env
+
+    @property
+    def management_url(self) -> str:
+        """Where the broker's management API answers (a private node's port is its own)."""
+        rabbit = self.private_rabbit
+        if rabbit is not None and rabbit.management_port is not None:
+            ep = self.rabbitmq.endpoint
+            user = quote(ep.username or "guest", safe="")
+            password = quote(ep.password or "guest", safe="")
+            return f"http://{user}:{password}@127.0.0.1:{rabbit.management_port}/"
+        return management_url(self.settings)
 
     def admin(self) -> BrokerAdmin:
         return BrokerAdmin.for_settings(self.settings, state_dir=self.state_dir)
@@ -421,7 +450,69 @@ def ensure_services(
         down = [ep for ep in endpoints if probe(ep) is not Probe.ANSWERS]
         if down:
             _start(down, state_dir, search_path, allow_install, timeout)
-    return find_services(settings, state_dir=state_dir)
+        services = find_services(settings, state_dir=state_dir)
+        _ensure_management(services, search_path, time.monotonic() + timeout)
+    return services
+
+
+MANAGEMENT_PLUGIN = "rabbitmq_management"
+
+
+def _management_answers(url: str) -> bool:
+    """Whether an HTTP server answers at the management API's address (any status)."""
+    base = ManagementAPI(url).base
+    try:
+        with urllib.request.urlopen(f"{base}/api/overview", timeout=2.0):
+            return True
+    except urllib.error.HTTPError:
+        return True  # 401 without credentials: it answers
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _ensure_management(services: Services, search_path: str, deadline: float) -> None:
+    """Enable the management plugin on a local broker that runs without it.
+
+    A private node is started with it; the machine's own broker (CI's starts with plugins
+    off) gets it enabled online, which keeps its queues and connections.
+    """
+    url = services.management_url
+    if services.settings.management_url or _management_answers(url):
+        return
+    ep = services.rabbitmq.endpoint
+    rabbit = services.private_rabbit
+    if rabbit is not None and rabbit.management_port is not None:
+        _wait_for_management(url, deadline)  # started with it, a moment after AMQP
+        return
+    if not ep.is_local or rabbit is not None:
+        log.warning("RabbitMQ's management API does not answer at %s", url.rsplit("@", 1)[-1])
+        return
+    plugins = find_program("rabbitmq-plugins", search_path)
+    if plugins is None:
+        raise DevServicesError(
+            "RabbitMQ's management plugin is off and rabbitmq-plugins is not installed: "
+            f"enable {MANAGEMENT_PLUGIN} on the broker at {ep.address}"
+        )
+    node = os.environ.get("MESH_RABBITMQ_NODE")
+    command = [str(plugins), *(["-n", node] if node else []), "enable", MANAGEMENT_PLUGIN]
+    log.info("enabling %s on the broker at %s", MANAGEMENT_PLUGIN, ep.address)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise DevServicesError(
+            f"{' '.join(command)} failed (exit {result.returncode}): "
+            f"{(result.stderr or result.stdout).strip()[-500:]}"
+        )
+    _wait_for_management(url, deadline)
+
+
+def _wait_for_management(url: str, deadline: float) -> None:
+    while not _management_answers(url):
+        if time.monotonic() > deadline:
+            raise DevServicesError(
+                f"{MANAGEMENT_PLUGIN} is enabled but its API does not answer at "
+                f"{ManagementAPI(url).base}"
+            )
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -581,6 +672,7 @@ def _start_rabbitmq(
         node=f"mesh-dev-{ep.port}@localhost",
         port=ep.port,
         rabbitmqctl=str(ctl or server.parent / "rabbitmqctl"),
+        management_port=_free_port(ep.port + 10000),
     )
     # A dev broker holds nothing worth keeping, and a fresh database makes the URL's user and
     # vhost (applied only at first boot) take effect.
@@ -606,11 +698,13 @@ def _start_rabbitmq(
         "default_permissions.configure = .*",
         "default_permissions.read = .*",
         "default_permissions.write = .*",
+        "management.tcp.ip = 127.0.0.1",
+        f"management.tcp.port = {rabbit.management_port}",
         "log.console = false",
         "log.file.level = info",
     ]
     (directory / "rabbitmq.conf").write_text("\n".join(config) + "\n")
-    (directory / "enabled_plugins").write_text("[].\n")
+    (directory / "enabled_plugins").write_text(f"[{MANAGEMENT_PLUGIN}].\n")
     (directory / "rabbitmq-env.conf").write_text("# private node: settings come from the env\n")
     rabbit.pidfile.unlink(missing_ok=True)
     env = {

@@ -1,0 +1,164 @@
+"""RabbitMQ's management HTTP API: what AMQP cannot do (list queues, make vhosts).
+
+The management plugin (``rabbitmq_management``) must be enabled on the broker; ``make test``
+and ``make demo`` enable it on the broker they use.  Calls run the standard library's HTTP
+client in a thread: an operator's tool makes a few calls, and a client library for that would
+be one more dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from mesh.config import Settings
+
+DEFAULT_PORT = 15672
+
+_QUEUE_COLUMNS = "name,type,messages,consumers,arguments,durable,exclusive,auto_delete"
+
+
+class ManagementError(RuntimeError):
+    """The management API refused a call or does not answer; the text says which and why."""
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    """One queue as the management API lists it (depth and consumers are sampled every few
+    seconds by the broker, so they lag a little)."""
+
+    name: str
+    type: str
+    messages: int
+    consumers: int
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+def management_url(settings: Settings) -> str:
+    """``settings.management_url``, or the AMQP URL's host and user on port 15672."""
+    if settings.management_url:
+        return settings.management_url
+    amqp = urlsplit(settings.amqp_url)
+    netloc = amqp.netloc.rsplit("@", 1)
+    credentials = f"{netloc[0]}@" if len(netloc) == 2 else "guest:guest@"
+    host = amqp.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if amqp.scheme == "amqps" else "http"
+    return urlunsplit((scheme, f"{credentials}{host}:{DEFAULT_PORT}", "/", "", ""))
+
+
+def vhost_of(settings: Settings) -> str:
+    """The vhost an AMQP URL names (``/`` when it names none)."""
+    path = urlsplit(settings.amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+class ManagementAPI:
+    """A few calls of the management API, as the user in the URL."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ManagementError(f"management URL must be http:// or https://, not {url!r}")
+        user = unquote(parts.username or "guest")
+        password = unquote(parts.password or "guest")
+        host = parts.hostname or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        self.base = urlunsplit((parts.scheme, f"{host}{port}", parts.path.rstrip("/"), "", ""))
+        """The URL without credentials: what error messages show."""
+        self.user = user
+        self.timeout = timeout
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._auth = f"Basic {token}"
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> ManagementAPI:
+        return cls(management_url(settings))
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        """``method`` on ``/api/<path>``; the decoded JSON answer (``None`` when empty)."""
+        return await asyncio.to_thread(self._call, method, path, body)
+
+    def _call(self, method: str, path: str, body: Any) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.base}/api/{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": self._auth, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise self._refused(method, path, exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ManagementError(
+                f"RabbitMQ's management API does not answer at {self.base} ({reason}); "
+                "enable it with `rabbitmq-plugins enable rabbitmq_management`, or point "
+                "MESH_MANAGEMENT_URL at it"
+            ) from None
+        return json.loads(raw) if raw else None
+
+    def _refused(self, method: str, path: str, exc: urllib.error.HTTPError) -> ManagementError:
+        try:
+            detail = json.loads(exc.read()).get("reason", "")
+        except (ValueError, AttributeError):
+            detail = ""
+        if exc.code == 401:
+            return ManagementError(
+                f"the management API at {self.base} refused user {self.user!r} "
+                "(wrong password, or the user lacks the management tag)"
+            )
+        return ManagementError(
+            f"{method} {self.base}/api/{path}: HTTP {exc.code} {exc.reason}"
+            + (f": {detail}" if detail else "")
+        )
+
+    async def create_vhost(self, vhost: str) -> None:
+        """Create ``vhost`` and give the API's user every permission on it."""
+        await self.call("PUT", f"vhosts/{_part(vhost)}", {})
+        await self.call(
+            "PUT",
+            f"permissions/{_part(vhost)}/{_part(self.user)}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+
+    async def delete_vhost(self, vhost: str) -> None:
+        """Delete ``vhost`` and everything in it (a vhost that is gone already is fine)."""
+        try:
+            await self.call("DELETE", f"vhosts/{_part(vhost)}")
+        except ManagementError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+
+    async def queues(self, vhost: str) -> list[QueueInfo]:
+        """Every queue in ``vhost``."""
+        found = await self.call("GET", f"queues/{_part(vhost)}?columns={_QUEUE_COLUMNS}")
+        return [
+            QueueInfo(
+                name=q["name"],
+                type=q.get("type", "classic"),
+                messages=int(q.get("messages") or 0),
+                consumers=int(q.get("consumers") or 0),
+                arguments=q.get("arguments") or {},
+            )
+            for q in found or []
+        ]
+
+    async def delete_queue(self, vhost: str, name: str) -> None:
+        await self.call("DELETE", f"queues/{_part(vhost)}/{_part(name)}")
+
+
+def _part(value: str) -> str:
+    return quote(value, safe="")
