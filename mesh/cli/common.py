@@ -1,0 +1,82 @@
+"""What the ``mesh`` commands share: settings, a short-lived client, output helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from mesh import logcontext
+from mesh.agent import Agent, RemoteError, RequestTimeout
+from mesh.client import Client
+from mesh.config import ConfigError, Settings
+from mesh.topology import TopicError
+from mesh.transport import BrokerUnavailable, PublishError
+
+T = TypeVar("T")
+
+
+def load_agent_class(spec: str) -> type[Agent]:
+    """Import ``module:Class`` (relative to the current directory too)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter(f"{spec!r} is not of the form module:Class")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if isinstance(cls, type) and issubclass(cls, Agent):
+        return cls
+    found = sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type) and issubclass(value, Agent) and value.__module__ == module_name
+    )
+    problem = (
+        f"module {module_name!r} has no {attr!r}"
+        if cls is None
+        else f"{spec!r} is not an Agent subclass"
+    )
+    raise click.BadParameter(f"{problem} (Agent classes in it: {', '.join(found) or 'none'})")
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def with_client(func: Callable[[Agent], Awaitable[T]]) -> T:
+    """Run ``func`` with a short-lived agent that has no behaviours (for commands)."""
+
+    async def main() -> T:
+        client = Client(settings=settings_or_exit())
+        async with client:
+            return await func(client)
+
+    logcontext.configure("WARNING")
+    try:
+        return asyncio.run(main())
+    except (BrokerUnavailable, PublishError, RequestTimeout, RemoteError, TopicError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def echo_table(rows: Sequence[Sequence[str]]) -> None:
+    """Print ``rows`` (the first is the header) in left-aligned columns."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
