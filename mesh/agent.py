@@ -101,7 +101,12 @@ class RPCBehaviour(Behaviour):
         self._operations = {r.spec.operation: r for r in self.routes if r.spec.operation}
 
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
-        return await topology.declare_request_queue(channel, self.queue_name, self.binding_keys)
+        return await topology.declare_request_queue(
+            channel,
+            self.queue_name,
+            self.binding_keys,
+            self.agent.settings.request_queue_expires,
+        )
 
     @property
     def bindings(self) -> list[Binding]:

@@ -28,8 +28,9 @@ from mesh.deadletter import DeadLetters
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
 from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
-from mesh.topology import TopicError, TopologyError
+from mesh.topology import QueueMismatch, TopicError, TopologyError
 from mesh.transport import PublishError, Refused, Transport, is_stale, settle
+from mesh.upgrade import QueueUpgrade
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,12 @@ class Behaviour:
     """Seconds before attempt 2, 3, … (the last repeats); ``None``: the settings' value."""
     broadcast: ClassVar[bool] = False
     """Every instance gets every message (a queue of its own) instead of sharing one."""
+    queue_type: ClassVar[str] = "quorum"
+    """``classic`` for disposable work: cheaper to declare, not replicated."""
+    max_queue_length: ClassVar[int | None] = None
+    """Messages the queue holds before the oldest are dead-lettered; ``None``: the settings'."""
+    idempotent: ClassVar[bool] = False
+    """Skip a message whose id this behaviour already handled (remembered in Redis)."""
     autostart: ClassVar[bool] = True
     state_model: ClassVar[type[BaseModel] | None] = None
     """The pydantic model of ``self.state``, kept in Redis per agent and behaviour."""
@@ -218,6 +225,13 @@ class Behaviour:
         topology.check_name("behaviour name", cls.name)
         if cls.max_concurrency < 1 or cls.mailbox_size < 1:
             raise ValueError(f"{cls.__name__}: max_concurrency and mailbox_size must be >= 1")
+        if cls.queue_type not in topology.QUEUE_TYPES:
+            raise ValueError(
+                f"{cls.__name__}: queue_type {cls.queue_type!r} is not one of "
+                f"{', '.join(topology.QUEUE_TYPES)}"
+            )
+        if cls.max_queue_length is not None and cls.max_queue_length < 1:
+            raise ValueError(f"{cls.__name__}: max_queue_length must be >= 1")
         if cls.retry_delays is not None and (
             not cls.retry_delays or min(cls.retry_delays) < 0.001
         ):
@@ -300,6 +314,12 @@ class Behaviour:
         """
         await _Dispatch(self, incoming).run()
 
+    @property
+    def queue_arguments(self) -> dict[str, Any]:
+        """The arguments of the queue the handlers consume."""
+        max_length = self.max_queue_length or self.agent.settings.max_queue_length
+        return topology.behaviour_queue_args(self.queue_type, max_length)
+
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
         """Declare the queue the handlers consume, bound to ``binding_keys``."""
         if self.broadcast:
@@ -307,9 +327,12 @@ class Behaviour:
                 channel,
                 self.queue_name,
                 self.binding_keys,
+                self.queue_arguments,
                 self.agent.settings.broadcast_queue_expires,
             )
-        return await topology.declare_shared_queue(channel, self.queue_name, self.binding_keys)
+        return await topology.declare_shared_queue(
+            channel, self.queue_name, self.binding_keys, self.queue_arguments
+        )
 
     # --- what behaviours call -----------------------------------------------------
 
@@ -495,11 +518,21 @@ class _Consumer:
     async def start(self) -> None:
         b = self.behaviour
         transport = b.agent.transport
+        settings = b.agent.settings
+        upgrade = QueueUpgrade(transport, b.agent.bindings_ledger, migrate=settings.migrate_queues)
         self.channel = await transport.open_channel(prefetch=b.mailbox_size, confirms=False)
-        self.queue = await b.declare_queue(self.channel)
+        try:
+            self.queue = await b.declare_queue(self.channel)
+        except QueueMismatch as mismatch:
+            await upgrade.clear(mismatch, b.bindings)
+            await settle(self.channel.close())  # the broker closed it with the failed declare
+            self.channel = await transport.open_channel(prefetch=b.mailbox_size, confirms=False)
+            self.queue = await b.declare_queue(self.channel)
         # A binding the code no longer declares (a renamed pattern) must stop delivering.
-        expires = b.agent.settings.broadcast_queue_expires if b.broadcast else None
+        expires = settings.broadcast_queue_expires if b.broadcast else None
         await reconcile(self.queue, b.bindings, b.agent.bindings_ledger, expires=expires)
+        if settings.migrate_queues:
+            await upgrade.finish(self.queue)
         loop = asyncio.get_running_loop()
         self.workers = [
             loop.create_task(

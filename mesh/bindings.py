@@ -123,6 +123,10 @@ class BindingLedger:
             _replace(pipe, self.key(queue), bindings, expires)
             await pipe.execute()
 
+    async def forget(self, queue: str) -> None:
+        """Drop ``queue``'s record (the queue is gone)."""
+        await self.redis.unlink(self.key(queue))
+
     @contextlib.asynccontextmanager
     async def _watch(self, queue: str) -> AsyncIterator[_Entry]:
         """``queue``'s record, read under WATCH on a connection held until the block ends."""

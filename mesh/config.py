@@ -47,10 +47,20 @@ class Settings(BaseModel):
     """Seconds before attempt 2, 3, …; the last repeats (``MESH_RETRY_DELAYS=1,5,30``)."""
     broadcast_queue_expires: float = Field(default=900.0, ge=1)
     """Seconds a broadcast behaviour's queue outlives its departed instance."""
+    request_queue_expires: float = Field(default=300.0, ge=1)
+    """Seconds an agent's ``@rpc`` queue outlives the last instance consuming it."""
+    max_queue_length: int = Field(default=100_000, ge=1)
+    """Messages a behaviour queue holds before its oldest are dropped (and dead-lettered)."""
+    migrate_queues: bool = False
+    """Move the messages of a queue an earlier version declared otherwise into a new one."""
+    idempotency_window: float = Field(default=86_400.0, ge=1)
+    """Seconds an ``idempotent`` behaviour remembers the ids it handled."""
     dead_letter_max_bytes: int = Field(default=1_000_000_000, ge=1_000_000)
     """Size ``mesh.dead`` keeps; the oldest dead letters go first."""
     dead_letter_max_age: str = Field(default="7D", pattern=r"^[0-9]+[YMDhms]$")
     """Age after which dead letters go (RabbitMQ's ``x-max-age``: ``7D``, ``12h`` …)."""
+    connect_timeout: float = Field(default=30.0, ge=0)
+    """Seconds a starting agent keeps trying to reach RabbitMQ before it gives up."""
     publish_timeout: float = Field(default=30.0, gt=0)
     request_timeout: float = Field(default=5.0, gt=0)
     heartbeat_interval: float = Field(default=2.0, gt=0)

@@ -62,15 +62,32 @@ class TopologyError(RuntimeError):
     """The broker holds a mesh object declared differently (by an older version, say)."""
 
 
+class QueueMismatch(TopologyError):
+    """A queue exists with other arguments than this version declares.
+
+    A behaviour's queue is upgraded on the spot (see ``mesh.upgrade``); elsewhere this is
+    the error the user sees.
+    """
+
+    def __init__(self, name: str, arguments: dict[str, Any], broker_says: str) -> None:
+        super().__init__(
+            f"queue {name!r} exists with other arguments than this version declares "
+            f"({broker_says}); it was declared by another version or configuration: drain "
+            f"and delete it (rabbitmqctl delete_queue {name}) so it can be declared again"
+        )
+        self.name = name
+        self.arguments = arguments
+        self.broker_says = broker_says
+
+
 async def _declare_queue(channel: AbstractChannel, name: str, **kwargs: Any) -> AbstractQueue:
     try:
         return await channel.declare_queue(name, **kwargs)
     except ChannelPreconditionFailed as exc:
-        raise TopologyError(
-            f"queue {name!r} already exists with other arguments than {kwargs.get('arguments')} "
-            f"({exc}); it was declared by another version or configuration: drain and delete "
-            f"it (rabbitmqctl delete_queue {name}) so it can be declared again"
-        ) from None
+        # "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue ...": the
+        # broker names the argument, which is what the user needs to see.
+        broker_says = str(exc.args[1] if len(exc.args) > 1 else exc)
+        raise QueueMismatch(name, dict(kwargs.get("arguments") or {}), broker_says) from None
 
 
 def check_name(kind: str, name: str) -> str:
@@ -321,12 +338,28 @@ async def declare_internal_gateway_queue(channel: AbstractChannel) -> AbstractQu
     )
 
 
-def _behaviour_queue_args() -> dict[str, Any]:
-    return {
-        "x-queue-type": "quorum",
+QUEUE_TYPES = ("quorum", "classic")
+
+
+def behaviour_queue_args(queue_type: str, max_length: int) -> dict[str, Any]:
+    """A behaviour queue's arguments: its type, and a length past which the oldest go.
+
+    ``drop-head``, not ``reject-publish``: a queue that refused a message would nack the
+    gateway's whole publish, and every other subscriber of the topic would wait behind
+    one departed agent.  Dropped messages are dead-lettered (at most once) with the
+    reason ``maxlen``.
+    """
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"queue type {queue_type!r} is not one of {', '.join(QUEUE_TYPES)}")
+    arguments: dict[str, Any] = {
+        "x-queue-type": queue_type,
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
-        "x-delivery-limit": BACKSTOP_DELIVERIES,
+        "x-max-length": max_length,
+        "x-overflow": "drop-head",
     }
+    if queue_type == "quorum":
+        arguments["x-delivery-limit"] = BACKSTOP_DELIVERIES
+    return arguments
 
 
 async def _bind(queue: AbstractQueue, patterns: list[str]) -> AbstractQueue:
@@ -338,15 +371,19 @@ async def _bind(queue: AbstractQueue, patterns: list[str]) -> AbstractQueue:
 
 
 async def declare_shared_queue(
-    channel: AbstractChannel, name: str, patterns: list[str]
+    channel: AbstractChannel, name: str, patterns: list[str], arguments: dict[str, Any]
 ) -> AbstractQueue:
-    """Declare a behaviour's quorum queue, shared by the agent's replicas, bound to ``patterns``."""
-    queue = await _declare_queue(channel, name, durable=True, arguments=_behaviour_queue_args())
+    """Declare a behaviour's queue, shared by the agent's replicas, bound to ``patterns``."""
+    queue = await _declare_queue(channel, name, durable=True, arguments=arguments)
     return await _bind(queue, patterns)
 
 
 async def declare_broadcast_queue(
-    channel: AbstractChannel, name: str, patterns: list[str], expires: float
+    channel: AbstractChannel,
+    name: str,
+    patterns: list[str],
+    arguments: dict[str, Any],
+    expires: float,
 ) -> AbstractQueue:
     """Declare one instance's queue for a broadcast-mode behaviour.
 
@@ -354,13 +391,13 @@ async def declare_broadcast_queue(
     must not delete what it was delivered.  The broker deletes it once nothing used it
     for ``expires`` seconds (its instance is gone).
     """
-    arguments = _behaviour_queue_args() | {"x-expires": int(expires * 1000)}
+    arguments = arguments | {"x-expires": int(expires * 1000)}
     queue = await _declare_queue(channel, name, durable=True, arguments=arguments)
     return await _bind(queue, patterns)
 
 
 async def declare_request_queue(
-    channel: AbstractChannel, name: str, patterns: list[str]
+    channel: AbstractChannel, name: str, patterns: list[str], expires: float
 ) -> AbstractQueue:
     """Declare the classic queue an agent's replicas share for its ``@rpc`` operations.
 
@@ -368,10 +405,14 @@ async def declare_request_queue(
     handler answers instead of being retried.  Keeping them in a replicated log would buy
     nothing after a broker crash (the caller has given up by then) and costs a Raft commit
     on the round trip.  No dead-letter exchange: an expired request is not a dead letter
-    (its caller already got a timeout), so the broker drops it.
+    (its caller already got a timeout), so the broker drops it.  Once no instance has
+    consumed it for ``expires`` seconds the agent is gone, and the broker deletes it.
     """
     queue = await _declare_queue(
-        channel, name, durable=True, arguments={"x-queue-type": "classic"}
+        channel,
+        name,
+        durable=True,
+        arguments={"x-queue-type": "classic", "x-expires": int(expires * 1000)},
     )
     for pattern in patterns:
         await queue.bind(delivery_exchange(pattern), pattern)

@@ -26,6 +26,7 @@ from aio_pika.exceptions import (
 from aiormq.abc import DeliveredMessage
 
 from mesh.config import Settings
+from mesh.connection import connect
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,6 @@ def is_stale(incoming: AbstractIncomingMessage) -> bool:
         return incoming.channel.is_closed
     except ChannelInvalidStateError:
         return True
-
-
-class BrokerUnavailable(ConnectionError):
-    """RabbitMQ could not be reached when connecting."""
 
 
 class PublishError(RuntimeError):
@@ -147,27 +144,14 @@ class Transport:
         self._publisher.reopen_callbacks.add(self._on_publisher_reopened)
 
     async def _connect(self, name: str) -> AbstractRobustConnection:
-        try:
-            return await aio_pika.connect_robust(
-                self.settings.amqp_url, client_properties={"connection_name": name}
-            )
-        except aiormq.exceptions.ProbableAuthenticationError:
-            raise BrokerUnavailable(
-                f"RabbitMQ at {self._where()} refused the login of user {self.user!r}: "
-                "check the user and password in MESH_AMQP_URL"
-            ) from None
-        except aiormq.exceptions.InvalidFrameError:
-            # The broker answers Connection.Open with a close: no such vhost, or no access.
-            raise BrokerUnavailable(
-                f"RabbitMQ at {self._where()} refused user {self.user!r} access to vhost "
-                f"{self._vhost()!r}: it does not exist or the user has no permissions there "
-                f"(rabbitmqctl add_vhost / set_permissions)"
-            ) from None
-        except (AMQPConnectionError, OSError) as exc:
-            raise BrokerUnavailable(
-                f"RabbitMQ unreachable at {self._where()}/{self._vhost().lstrip('/')} "
-                f"({exc}); start it or point MESH_AMQP_URL at it"
-            ) from None
+        return await connect(
+            self.settings.amqp_url,
+            name,
+            where=self._where(),
+            vhost=self._vhost(),
+            user=self.user,
+            wait=self.settings.connect_timeout,
+        )
 
     def _where(self) -> str:
         url = urlsplit(self.settings.amqp_url)  # named without the password

@@ -18,7 +18,14 @@ from redis.backoff import NoBackoff
 
 from mesh.bindings import Binding, BindingLedger, reconcile
 from mesh.config import Settings
-from mesh.topology import TOPIC_EXCHANGE, declare_exchanges, declare_shared_queue
+from mesh.topology import (
+    TOPIC_EXCHANGE,
+    behaviour_queue_args,
+    declare_exchanges,
+    declare_shared_queue,
+)
+
+QUEUE_ARGS = behaviour_queue_args("quorum", 1000)
 
 A = Binding(TOPIC_EXCHANGE, "orders.created")
 B = Binding(TOPIC_EXCHANGE, "orders.renamed-from")
@@ -40,7 +47,7 @@ async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
 @pytest.fixture
 async def queue(channel: AbstractChannel) -> AbstractQueue:
     """A behaviour queue as the mesh declares it, with no topic bindings yet."""
-    return await declare_shared_queue(channel, "mesh.q.shop.orders", [])
+    return await declare_shared_queue(channel, "mesh.q.shop.orders", [], QUEUE_ARGS)
 
 
 @pytest.fixture
@@ -164,7 +171,7 @@ async def test_two_versions_starting_at_once_leave_the_last_writers_bindings(
     other_redis = aioredis.from_url(settings.redis_url)
     try:
         other_channel = await other_connection.channel()
-        other_queue = await declare_shared_queue(other_channel, queue.name, [])
+        other_queue = await declare_shared_queue(other_channel, queue.name, [], QUEUE_ARGS)
         other_ledger = BindingLedger(other_redis, namespace)
         for _ in range(5):
             await asyncio.gather(
