@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import click
 
-from mesh.cli import agents, control, run
+from mesh.cli import agents, control, publish, run, tail
+from mesh.cli.common import example
 
 
-@click.group()
+@click.group(
+    epilog=example(
+        "mesh gateway &",
+        "mesh run examples.vehicles:Vehicle --id v7 &",
+        "mesh tail --payload",
+    )
+)
 @click.version_option(package_name="agentmesh")
 def main() -> None:
     """agentmesh: agents hosting concurrent behaviours on RabbitMQ."""
@@ -23,6 +30,10 @@ main.add_command(control.ping)
 main.add_command(control.behaviour)
 main.add_command(control.shutdown)
 main.add_command(control.call)
+
+# Events on the mesh: mesh/cli/publish.py, mesh/cli/tail.py
+main.add_command(publish.publish)
+main.add_command(tail.tail)
 
 # The registry: mesh/cli/agents.py
 main.add_command(agents.agents)

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
-from mesh.cli.common import echo_json, echo_table, settings_or_exit
+from mesh.cli.common import echo_json, echo_table, example, settings_or_exit
 from mesh.membership import REDIS_DOWN
 from mesh.registry import Registry
 
@@ -46,7 +46,12 @@ def _ago(moment: datetime | None) -> str:
     return f"{max(seconds, 0):.1f}s ago"
 
 
-@click.group(invoke_without_command=True)
+@click.group(
+    invoke_without_command=True,
+    epilog=example(
+        "mesh agents", "mesh agents --capability telemetry --json", "mesh agents show v7"
+    ),
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--capability", default=None, help="Only agents with this capability.")
 @click.option("--topic", default=None, help="Only agents with a behaviour receiving this topic.")
@@ -79,7 +84,7 @@ def agents(
     echo_table(rows)
 
 
-@agents.command("show")
+@agents.command("show", epilog=example("mesh agents show v7", "mesh agents show v7 --json"))
 @click.argument("agent_id")
 @click.option("--json", "as_json", is_flag=True)
 def agents_show(agent_id: str, as_json: bool) -> None:

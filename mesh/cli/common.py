@@ -16,8 +16,9 @@ from mesh import logcontext
 from mesh.agent import Agent, RemoteError, RequestTimeout
 from mesh.client import Client
 from mesh.config import ConfigError, Settings
+from mesh.connection import BrokerUnavailable
 from mesh.topology import TopicError
-from mesh.transport import BrokerUnavailable, PublishError
+from mesh.transport import PublishError
 
 T = TypeVar("T")
 
@@ -69,6 +70,12 @@ def with_client(func: Callable[[Agent], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except (BrokerUnavailable, PublishError, RequestTimeout, RemoteError, TopicError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def example(*lines: str) -> str:
+    """A command's help epilog: example command lines, kept as written (click would
+    rewrap them otherwise)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def echo_json(data: Any) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 import click
 
 from mesh import topology
-from mesh.cli.common import echo_json, with_client
+from mesh.cli.common import echo_json, example, with_client
 from mesh.topology import TopicError
 
 
-@click.command()
+@click.command(epilog=example("mesh ping", "mesh ping --agent v7 --timeout 3 --json"))
 @click.option("--agent", default=topology.ALL_AGENTS, help="Only this agent's instances.")
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to collect answers.")
 @click.option("--json", "as_json", is_flag=True)
@@ -46,12 +46,14 @@ def _control(agent: str, command: str, payload: dict[str, Any], timeout: float) 
         sys.exit(1)
 
 
-@click.group()
+@click.group(
+    epilog=example("mesh behaviour stop v7 report", "mesh behaviour start v7 report")
+)
 def behaviour() -> None:
     """Start or stop a behaviour of a running agent (every instance)."""
 
 
-@behaviour.command("start")
+@behaviour.command("start", epilog=example("mesh behaviour start v7 report"))
 @click.argument("agent")
 @click.argument("name")
 @click.option("--timeout", default=2.0, show_default=True)
@@ -60,7 +62,7 @@ def behaviour_start(agent: str, name: str, timeout: float) -> None:
     _control(agent, "start_behaviour", {"behaviour": name}, timeout)
 
 
-@behaviour.command("stop")
+@behaviour.command("stop", epilog=example("mesh behaviour stop v7 report --timeout 10"))
 @click.argument("agent")
 @click.argument("name")
 @click.option("--timeout", default=5.0, show_default=True)
@@ -69,7 +71,7 @@ def behaviour_stop(agent: str, name: str, timeout: float) -> None:
     _control(agent, "stop_behaviour", {"behaviour": name}, timeout)
 
 
-@click.command()
+@click.command(epilog=example("mesh shutdown v7"))
 @click.argument("agent")
 @click.option("--timeout", default=2.0, show_default=True)
 def shutdown(agent: str, timeout: float) -> None:
@@ -77,7 +79,11 @@ def shutdown(agent: str, timeout: float) -> None:
     _control(agent, "shutdown", {}, timeout)
 
 
-@click.command()
+@click.command(
+    epilog=example(
+        "mesh call v7 status", "mesh call billing invoice '{\"order\": 42}' --timeout 10"
+    )
+)
 @click.argument("agent")
 @click.argument("operation")
 @click.argument("payload", default="{}")

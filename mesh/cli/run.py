@@ -10,7 +10,7 @@ from mode import Worker
 
 from mesh import logcontext, topology
 from mesh.agent import Agent
-from mesh.cli.common import load_agent_class, settings_or_exit
+from mesh.cli.common import example, load_agent_class, settings_or_exit
 from mesh.gateway import Gateway
 
 
@@ -21,7 +21,12 @@ def run_worker(agent: Agent, log_level: str) -> None:
     worker.execute_from_commandline()
 
 
-@click.command()
+@click.command(
+    epilog=example(
+        "mesh run examples.vehicles:Vehicle --id v7",
+        "mesh run examples.vehicles:Vehicle --id v7 --instance v7-b --log-level debug",
+    )
+)
 @click.argument("agent_class")
 @click.option("--id", "agent_id", required=True, help="The agent id (shared by replicas).")
 @click.option("--instance", default=None, help="Instance id (default: random).")
@@ -36,7 +41,7 @@ def run(agent_class: str, agent_id: str, instance: str | None, log_level: str) -
     run_worker(agent, log_level)
 
 
-@click.command()
+@click.command(epilog=example("mesh gateway", "mesh gateway --instance gw-2"))
 @click.option("--id", "agent_id", default="gateway", show_default=True)
 @click.option("--instance", default=None)
 @click.option("--log-level", default="info", show_default=True)
@@ -45,7 +50,7 @@ def gateway(agent_id: str, instance: str | None, log_level: str) -> None:
     run_worker(Gateway(agent_id, instance=instance, settings=settings_or_exit()), log_level)
 
 
-@click.command()
+@click.command(epilog=example("mesh demo", "mesh demo --seconds 30"))
 @click.option("--seconds", default=0.0, help="Stop after this long (default: until Ctrl+C).")
 def demo(seconds: float) -> None:
     """Run the demo mesh: a gateway, two vehicles and a monitor, as separate processes."""
