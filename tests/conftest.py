@@ -1,21 +1,18 @@
 """Fixtures for the whole suite: the real RabbitMQ and Redis, isolated per test.
 
-Each test that asks for ``settings`` gets its own RabbitMQ vhost (``mesh-test-<id>``) and Redis
-key namespace (``test-<id>``); both are removed afterwards. A test that needs only Redis asks for
+The suite uses the package's own pytest plugin (``mesh.testing.plugin``): each test that asks
+for ``settings`` gets its own RabbitMQ vhost (``mesh-test-<id>``) and Redis key namespace
+(``test-<id>``); both are removed afterwards. A test that needs only Redis asks for
 ``namespace`` (and ``redis``) instead, and no vhost is made for it.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
-
 import pytest
 import redis.asyncio as aioredis
-from helpers import delete_namespace
 
 from mesh.config import Settings
-from mesh.devservices import BrokerAdmin, Services, ensure_services, with_vhost
+from mesh.devservices import BrokerAdmin, Services, ensure_services
 
 
 @pytest.fixture(scope="session")
@@ -26,47 +23,27 @@ def services() -> Services:
 
 @pytest.fixture(scope="session")
 def admin(services: Services) -> BrokerAdmin:
-    """rabbitmqctl-backed broker administration for the services' broker."""
+    """rabbitmqctl-backed broker administration (for closing connections broker-side)."""
     return services.admin()
 
 
-@pytest.fixture
-async def namespace(services: Services) -> AsyncIterator[str]:
-    """A brand-new Redis key namespace (``test-<id>``), its keys deleted after the test."""
-    test_namespace = f"test-{uuid.uuid4().hex[:8]}"
-    try:
-        yield test_namespace
-    finally:
-        client = aioredis.from_url(services.settings.redis_url)
-        try:
-            await delete_namespace(client, test_namespace)
-        finally:
-            await client.aclose()
+@pytest.fixture(scope="session")
+def mesh_base_settings(services: Services) -> Settings:
+    """The plugin's fixtures use the services found or started for this run (a private
+    broker's management API listens on a port of its own)."""
+    return services.settings.model_copy(update={"management_url": services.management_url})
 
 
 @pytest.fixture
-async def settings(
-    services: Services, admin: BrokerAdmin, namespace: str
-) -> AsyncIterator[Settings]:
-    """Settings on a brand-new vhost and Redis namespace, both deleted after the test."""
-    vhost = f"mesh-{namespace}"
-    await admin.create_vhost(vhost)
-    try:
-        yield Settings.from_env(
-            amqp_url=with_vhost(services.settings.amqp_url, vhost),
-            redis_url=services.settings.redis_url,
-            namespace=namespace,
-        )
-    finally:
-        # Deleting the vhost also closes any connection a test left open on it.
-        await admin.delete_vhost(vhost)
+def namespace(mesh_namespace: str) -> str:
+    return mesh_namespace
 
 
 @pytest.fixture
-async def redis(services: Services) -> AsyncIterator[aioredis.Redis]:
-    """A Redis client on the test's Redis (keys belong under the test's ``namespace``)."""
-    client = aioredis.from_url(services.settings.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+def settings(mesh_settings: Settings) -> Settings:
+    return mesh_settings
+
+
+@pytest.fixture
+def redis(mesh_redis: aioredis.Redis) -> aioredis.Redis:
+    return mesh_redis
