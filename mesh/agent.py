@@ -63,6 +63,9 @@ GATEWAY_CAPABILITY = "gateway"
 
 CONTROL_COMMANDS = frozenset({"ping", "start_behaviour", "stop_behaviour", "shutdown"})
 
+LIVENESS_CACHE = 1.0
+"""Seconds a requester trusts that an agent it found in the registry is still there."""
+
 
 @dataclass
 class _Awaited:
@@ -173,9 +176,15 @@ class Agent(Service):
         self._stopping_task: asyncio.Task[None] | None = None
         self.behaviour_map: dict[str, Behaviour] = {}
         self._awaited: dict[str, _Awaited] = {}
+        self._alive_until: dict[str, float] = {}
         self._inbox_channel: AbstractRobustChannel | None = None
         self._inbox_generation = 0
         super().__init__()
+        if not self.registered and any(r.spec.operation for r in collect_routes(self)):
+            raise ValueError(
+                f"{type(self).__name__} serves @rpc operations but is not registered: callers "
+                "look an agent up in the registry before they send it a request"
+            )
         for cls in self._behaviour_classes():
             behaviour = cls(self)
             if behaviour.name in self.behaviour_map:
@@ -391,6 +400,14 @@ class Agent(Service):
         key = topology.request_key(
             topology.check_name("agent id", agent), topology.check_name("operation", operation)
         )
+        if await self._is_alive(agent) is False:
+            raise RemoteError(
+                agent,
+                operation,
+                "NoLiveInstance",
+                f"no instance of agent {agent!r} is alive in the registry (namespace "
+                f"{self.settings.namespace!r}): it stopped, or has not started",
+            )
         correlation = uuid.uuid4().hex
         message = self._message(
             key,
@@ -502,6 +519,19 @@ class Agent(Service):
         if agent == topology.ALL_AGENTS:  # gateways do not take commands sent to all
             found = [i for i in found if GATEWAY_CAPABILITY not in i.capabilities]
         return len(found) or None
+
+    async def _is_alive(self, agent: str) -> bool | None:
+        """Whether the registry holds a live instance of ``agent``; ``None``: cannot tell."""
+        now = asyncio.get_running_loop().time()
+        if self._alive_until.get(agent, 0.0) > now:
+            return True
+        try:
+            found = await self.registry.instances(agent=agent)
+        except (*REDIS_DOWN, ValueError):  # unreachable, or a record it cannot read
+            return None
+        if found:
+            self._alive_until[agent] = now + LIVENESS_CACHE
+        return bool(found)
 
     async def _gateway_ids(self) -> list[str]:
         try:

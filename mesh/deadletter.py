@@ -1,4 +1,8 @@
-"""Dead letters: a copy of a message that cannot be handled, with the reason, in ``mesh.dead``."""
+"""Dead letters: a copy of a message that cannot be handled, with the reason, in ``mesh.dead``.
+
+Agents and the broker send dead letters to ``mesh.dlx``; they wait in ``mesh.dead.incoming``
+until a gateway files them in the ``mesh.dead`` stream, where they are read by offset.
+"""
 
 from __future__ import annotations
 
@@ -58,13 +62,8 @@ class DeadLetters:
         try:
             await self.transport.publish(topology.DEAD_LETTER_EXCHANGE, key, copy, mandatory=True)
         except Unroutable:
-            settings = self.transport.settings
-            stream = await topology.declare_dead_letter_stream(
-                self.transport.channel,
-                settings.dead_letter_max_bytes,
-                settings.dead_letter_max_age,
-            )
-            await stream.bind(topology.DEAD_LETTER_EXCHANGE, "#")
+            incoming_queue = await topology.declare_dead_letter_incoming(self.transport.channel)
+            await incoming_queue.bind(topology.DEAD_LETTER_EXCHANGE, "#")
             await self.transport.publish(topology.DEAD_LETTER_EXCHANGE, key, copy, mandatory=True)
         logger.info("dead-lettered %s from %s: %s", sender_id, queue, reason)
 

@@ -30,6 +30,9 @@ INTERNAL_EXCHANGE = "mesh.internal"
 INTERNAL_GATEWAY_QUEUE = "mesh.gateway.internal"
 DEAD_LETTER_EXCHANGE = "mesh.dlx"
 DEAD_LETTER_QUEUE = "mesh.dead"
+DEAD_LETTER_INCOMING = "mesh.dead.incoming"
+FILING_EXCHANGE = "mesh.dead.filing"
+"""Fanout to the ``mesh.dead`` stream; a filed dead letter keeps its original routing key."""
 RETRY_EXCHANGE = "mesh.retry"
 REQUEUE_EXCHANGE = "mesh.requeue"
 
@@ -284,15 +287,36 @@ async def declare_exchanges(
     await gateway.bind(exchanges[POLICY_EXCHANGE], "#")
     internal = await declare_internal_gateway_queue(channel)
     await internal.bind(exchanges[INTERNAL_POLICY_EXCHANGE], "#")
-    dead = await declare_dead_letter_stream(channel, dead_letter_max_bytes, dead_letter_max_age)
-    await dead.bind(exchanges[DEAD_LETTER_EXCHANGE], "#")
+    filing = await channel.declare_exchange(
+        FILING_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    exchanges[FILING_EXCHANGE] = filing
+    stream = await declare_dead_letter_stream(channel, dead_letter_max_bytes, dead_letter_max_age)
+    await stream.bind(filing)
+    incoming = await declare_dead_letter_incoming(channel)
+    await incoming.bind(exchanges[DEAD_LETTER_EXCHANGE], "#")
     return exchanges
+
+
+async def declare_dead_letter_incoming(channel: AbstractChannel) -> AbstractQueue:
+    """``mesh.dead.incoming``: where ``mesh.dlx`` delivers, until a gateway files it in the
+    ``mesh.dead`` stream.
+
+    RabbitMQ 3.10 drops what its queues dead-letter into a stream (tried: a full queue's
+    drop-head, a reject), so dead letters wait in a quorum queue first; the gateway's
+    ``DeadLetterFiler`` moves them on (confirmed, then acked) and counts them.
+    """
+    return await _declare_queue(
+        channel, DEAD_LETTER_INCOMING, durable=True, arguments={"x-queue-type": "quorum"}
+    )
 
 
 async def declare_dead_letter_stream(
     channel: AbstractChannel, max_bytes: int, max_age: str
 ) -> AbstractQueue:
     """``mesh.dead``: a stream, so it is bounded by size and age and read by offset.
+
+    Filled by the gateway from ``mesh.dead.incoming`` (see ``declare_dead_letter_incoming``).
 
     A stream keeps what it holds for every reader (listing, showing and redriving a dead
     letter never consumes it) and drops its oldest segments past ``max_bytes`` or

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from mesh.bindings import Binding, BindingLedger
+from mesh.envelope import forwarded
 from mesh.topology import QueueMismatch, TopologyError
 from mesh.transport import Transport, settle
 
@@ -137,25 +137,7 @@ async def _move(channel: AbstractChannel, source: AbstractQueue, target: str) ->
         incoming = await source.get(no_ack=False, fail=False)
         if incoming is None:
             return moved
-        await channel.default_exchange.publish(_copy(incoming), routing_key=target)
+        copy = forwarded(incoming, dict(incoming.headers or {}))
+        await channel.default_exchange.publish(copy, routing_key=target)
         await incoming.ack()
         moved += 1
-
-
-def _copy(incoming: AbstractIncomingMessage) -> aio_pika.Message:
-    return aio_pika.Message(
-        incoming.body,
-        headers=dict(incoming.headers or {}),
-        content_type=incoming.content_type,
-        content_encoding=incoming.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=incoming.priority,
-        correlation_id=incoming.correlation_id,
-        reply_to=incoming.reply_to,
-        expiration=incoming.expiration,
-        message_id=incoming.message_id,
-        timestamp=incoming.timestamp,
-        type=incoming.type,
-        user_id=None,
-        app_id=incoming.app_id,
-    )

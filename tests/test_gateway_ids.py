@@ -94,7 +94,7 @@ async def test_event_and_request_sharing_a_message_id_keep_their_own_outcomes(
     async with running(Gateway(settings=settings), service, caller):
         async with dead_letter_tap(settings) as dead:
             results = await asyncio.gather(
-                *(caller.request("ghost", "op", {"n": n}, timeout=10) for n in range(20)),
+                *(caller.request("svc", "op", {"n": n}, timeout=10) for n in range(20)),
                 return_exceptions=True,
             )
             received = await take(service.seen, 20)
@@ -103,7 +103,7 @@ async def test_event_and_request_sharing_a_message_id_keep_their_own_outcomes(
     for result in results:
         assert isinstance(result, RemoteError), result
         assert result.error_type == "Unroutable"
-        assert "'ghost'" in result.detail
+        assert "'svc'" in result.detail
     assert [m.topic for m in received] == ["news.twin"] * 20
     # Each event reached its subscriber as sent, under the id its sender gave it.
     assert all(m.message_id == m.payload["twin"] for m in received)

@@ -312,7 +312,7 @@ async def test_forged_reply_from_a_third_agent_is_not_accepted(settings: Setting
         assert await asyncio.wait_for(asking, 5) == {"from": "slow"}
 
         with pytest.raises(RemoteError) as caught:
-            await caller.request("ghost", "anything", {}, timeout=20)
+            await caller.request("slow", "anything", {}, timeout=20)
         assert caught.value.error_type == "Unroutable"
 
 

@@ -223,16 +223,19 @@ async def test_invalid_payload_gives_invalid_request(settings: Settings) -> None
         assert "does not match Question" in reason
 
 
-async def test_request_nobody_serves_is_unroutable(settings: Settings) -> None:
-    """A request to an agent nobody runs, or to an operation it lacks, is ``Unroutable``."""
+async def test_request_nobody_serves_fails_at_once(settings: Settings) -> None:
+    """A request to an agent with no live instance fails before it is sent
+    (``NoLiveInstance``, from the registry); one to an operation a live agent lacks is
+    ``Unroutable`` (from the gateway).  Neither waits for the timeout."""
     calc = Calculator("calc", settings=settings)
     caller = Agent("caller", settings=settings)
     async with running(Gateway(settings=settings), calc, caller):
         with pytest.raises(RemoteError) as caught:
-            await caller.request("ghost", "anything", {}, timeout=5)
-        assert caught.value.error_type == "Unroutable"
-        assert "ghost" in caught.value.detail
+            await caller.request("ghost", "anything", {}, timeout=60)
+        assert caught.value.error_type == "NoLiveInstance"
+        assert "'ghost'" in caught.value.detail
+        assert settings.namespace in caught.value.detail
 
         with pytest.raises(RemoteError) as caught:
-            await caller.request("calc", "divide", {}, timeout=5)
+            await caller.request("calc", "divide", {}, timeout=60)
         assert caught.value.error_type == "Unroutable"

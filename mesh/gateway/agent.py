@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from mesh.agent import GATEWAY_CAPABILITY, Agent
+from mesh.deadcounts import DeadLetterCounts
 from mesh.gateway.audit import Audit
 from mesh.gateway.authenticate import Authenticate
 from mesh.gateway.decode import Decode
+from mesh.gateway.filer import DeadLetterFiler
 from mesh.gateway.guard import Guard
 from mesh.gateway.pipeline import Pipeline, Stage
 from mesh.gateway.relay import InternalRelay, Relay
@@ -21,7 +23,7 @@ class Gateway(Agent):
     """Run with ``mesh gateway``; start as many replicas as the load needs."""
 
     capabilities = [GATEWAY_CAPABILITY]
-    behaviours = [Relay, InternalRelay]
+    behaviours = [Relay, InternalRelay, DeadLetterFiler]
     control_commands = frozenset({"ping"})
     broadcast_control = False
 
@@ -34,3 +36,6 @@ class Gateway(Agent):
             relay = self.behaviour_map[name]
             assert isinstance(relay, Relay)
             relay.pipeline = pipeline
+        filer = self.behaviour_map[DeadLetterFiler.name]
+        assert isinstance(filer, DeadLetterFiler)
+        filer.counts = DeadLetterCounts(self.redis, self.settings.namespace)

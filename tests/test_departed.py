@@ -1,0 +1,110 @@
+"""Agents that left: requests fail at once, their queues expire or stay bounded, and what a
+full queue drops is dead-lettered and counted."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+from agents_reliability import Host, host, mesh_id, peek, subscriber, vhost_of
+from helpers import eventually, running, take
+
+from behaviours import SubscriberBehaviour
+from mesh import Client, Message, RemoteError, Settings, on, rpc, topology
+from mesh.deadcounts import DROPPED, DeadLetterCounts
+from mesh.gateway import Gateway
+from mesh.management import ManagementAPI
+
+
+class Calculator(Host):
+    @rpc("add")
+    async def add(self, msg: Message, payload: dict[str, int]) -> int:
+        return payload["a"] + payload["b"]
+
+
+class Tally(SubscriberBehaviour):
+    """The behaviour of an agent that will leave for good: its queue keeps five."""
+
+    max_queue_length = 5
+
+    @on("count.#")
+    async def count(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg)
+
+
+class Live(SubscriberBehaviour):
+    @on("count.#")
+    async def count(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg)
+
+
+async def test_request_to_a_departed_agent_fails_at_once(settings: Settings) -> None:
+    """Once its last instance left, a request fails with ``NoLiveInstance`` instead of
+    waiting out its timeout in a queue nobody reads."""
+    caller = Client(settings=settings)
+    async with running(Gateway(settings=settings), caller):
+        async with running(Calculator("calc", settings=settings)):
+            assert await caller.request("calc", "add", {"a": 1, "b": 2}, timeout=10) == 3
+        # The cached "alive" answer lasts a second; a fresh caller asks the registry.
+        fresh = Client(settings=settings)
+        async with running(fresh):
+            with pytest.raises(RemoteError) as caught:
+                await fresh.request("calc", "add", {"a": 1, "b": 2}, timeout=120)
+    assert caught.value.error_type == "NoLiveInstance"
+    assert "'calc'" in caught.value.detail
+
+
+async def test_request_queue_nobody_consumes_expires(settings: Settings) -> None:
+    """An agent's ``@rpc`` queue is deleted by the broker once unused for
+    ``request_queue_expires`` seconds."""
+    settings = settings.model_copy(update={"request_queue_expires": 1.0})
+    queue = topology.behaviour_queue("calc", "rpc")
+    api = ManagementAPI.for_settings(settings)
+
+    async def exists() -> bool:
+        return queue in {q.name for q in await api.queues(vhost_of(settings))}
+
+    async def gone() -> bool:
+        return not await exists()
+
+    async with running(Calculator("calc", settings=settings)):
+        await eventually(exists)
+    await eventually(gone, timeout=30)
+
+
+async def test_full_queue_of_a_departed_agent_drops_its_oldest_and_stalls_no_one(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """A departed agent's queue keeps its newest ``max_queue_length`` messages; the others
+    are dead-lettered with reason ``maxlen`` and counted, while a live subscriber of the
+    same topic gets every message (the gateway's publishes are not refused)."""
+    departed = subscriber(settings, Tally, agent_id="zz")
+    live = subscriber(settings, Live, agent_id="live")
+    publisher = Client(settings=settings)
+    queue = topology.behaviour_queue("zz", "tally")
+    async with running(Gateway(settings=settings), live, publisher), peek(settings) as broker:
+        async with running(departed):
+            pass  # declares its queue, then leaves for good
+        ids = [await publisher.publish("count.up", {"n": n}) for n in range(20)]
+
+        received = await take(live.seen, 20)
+        assert [m.payload["n"] for m in received] == list(range(20))
+
+        async def holds_five() -> bool:
+            return await broker.depth(queue) == 5
+
+        await eventually(holds_five)
+
+        dead = [await broker.dead_letter() for _ in range(15)]
+        assert sorted(mesh_id(d) for d in dead) == sorted(ids[:15])
+        for letter in dead:
+            assert (letter.headers or {})["x-mesh-queue"] == queue
+            assert f"({DROPPED})" in str((letter.headers or {})["x-mesh-reason"])
+
+        counts = DeadLetterCounts(redis, settings.namespace)
+
+        async def fifteen_dropped() -> bool:
+            entry = (await counts.by_queue()).get(queue)
+            assert entry is not None and entry.dropped == 15, entry
+            return True
+
+        await eventually(fifteen_dropped)
