@@ -12,6 +12,8 @@ wait in a holding queue, bound like it, while it is declared again, and move bac
 
 Each move is confirmed before the original is acked, so a crash duplicates rather than
 loses; starting again with ``--migrate-queues`` picks up a holding queue left behind.
+Quorum queues refuse ``queue.delete`` with ``if-empty`` or ``if-unused`` (with a connection
+error), so a queue is unbound first and then found empty and unused before it is deleted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 from collections.abc import Iterable
 
 from aio_pika.abc import AbstractChannel, AbstractQueue
-from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+from aio_pika.exceptions import ChannelNotFoundEntity
 
 from mesh.bindings import Binding, BindingLedger
 from mesh.envelope import forwarded
@@ -51,47 +53,58 @@ class QueueUpgrade:
         Raises ``TopologyError`` naming what to do when that is not possible now.
         """
         name = mismatch.name
-        if await self._delete_if_empty(name):
-            logger.warning("queue %s was empty: re-creating it (%s)", name, mismatch.broker_says)
-            return
-        messages, consumers = await self._depth(name)
-        if consumers:
-            raise TopologyError(
-                f"queue {name!r} was declared with other arguments ({mismatch.broker_says}) and "
-                f"{consumers} consumer(s) still use it, instances of an earlier version: stop "
-                "them, then start this one again"
-            )
-        if not self.migrate:
-            raise TopologyError(
-                f"queue {name!r} was declared with other arguments ({mismatch.broker_says}) and "
-                f"holds {messages} message(s); start this agent once with "
-                "`mesh run ... --migrate-queues` (MESH_MIGRATE_QUEUES=1) to move them into a "
-                "queue declared the new way (nothing is lost)"
-            )
         wanted = set(bindings) | await self.ledger.recorded(name)
-        # Recorded first: ``finish`` unbinds what the record says, even after a crash here.
-        await self.ledger.record(holding_queue(name), wanted)
         channel = await self.transport.open_channel(confirms=True)
         try:
-            holding = await channel.declare_queue(
-                holding_queue(name), durable=True, arguments={"x-queue-type": "quorum"}
-            )
             old = await channel.declare_queue(name, passive=True)
-            for binding in sorted(wanted):
-                await holding.bind(binding.exchange, binding.routing_key)
-            for binding in sorted(wanted):
-                await old.unbind(binding.exchange, binding.routing_key)
-            moved = await _move(channel, old, holding.name)
-            await old.delete(if_unused=True, if_empty=True)
+            messages, consumers = _counts(old)
+            if consumers:
+                raise TopologyError(
+                    f"queue {name!r} was declared with other arguments ({mismatch.broker_says}) "
+                    f"and {consumers} consumer(s) still use it, instances of an earlier "
+                    "version: stop them, then start this one again"
+                )
+            holds_messages = not await _is_empty(old)
+            if holds_messages and not self.migrate:
+                raise TopologyError(
+                    f"queue {name!r} was declared with other arguments ({mismatch.broker_says}) "
+                    f"and holds {messages or 'some'} message(s); start this agent once with "
+                    "`mesh run ... --migrate-queues` (MESH_MIGRATE_QUEUES=1) to move them into "
+                    "a queue declared the new way (nothing is lost)"
+                )
+            moved = await self._empty(channel, old, wanted) if holds_messages else 0
+            # Unbound, then found empty: nothing can arrive between that and the delete.
+            await _unbind(old, wanted)
+            if not await _is_empty(old):
+                for binding in sorted(wanted):  # as it was: the earlier version may go on
+                    await old.bind(binding.exchange, binding.routing_key)
+                raise TopologyError(
+                    f"queue {name!r}: a message arrived while it was being upgraded; start "
+                    "again"
+                )
+            await old.delete(if_unused=False, if_empty=False)
         finally:
             await settle(channel.close())
         logger.warning(
-            "queue %s: moved %d message(s) to %s to declare it again (%s)",
+            "queue %s: deleted to declare it anew (%s)%s",
             name,
-            moved,
-            holding.name,
             mismatch.broker_says,
+            f"; its {moved} message(s) wait in {holding_queue(name)}" if moved else "",
         )
+
+    async def _empty(
+        self, channel: AbstractChannel, old: AbstractQueue, wanted: set[Binding]
+    ) -> int:
+        """Move ``old``'s messages to its holding queue, bound as ``old`` was."""
+        # Recorded first: ``finish`` unbinds what the record says, even after a crash here.
+        await self.ledger.record(holding_queue(old.name), wanted)
+        holding = await channel.declare_queue(
+            holding_queue(old.name), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        for binding in sorted(wanted):
+            await holding.bind(binding.exchange, binding.routing_key)
+        await _unbind(old, wanted)
+        return await _move(channel, old, holding.name)
 
     async def finish(self, queue: AbstractQueue) -> None:
         """Move what waits in ``queue``'s holding queue back into it, then delete that."""
@@ -101,33 +114,37 @@ class QueueUpgrade:
                 holding = await channel.declare_queue(holding_queue(queue.name), passive=True)
             except ChannelNotFoundEntity:
                 return  # nothing was held
-            for binding in sorted(await self.ledger.recorded(holding.name)):
-                await holding.unbind(binding.exchange, binding.routing_key)
+            await _unbind(holding, await self.ledger.recorded(holding.name))
             moved = await _move(channel, holding, queue.name)
-            await holding.delete(if_unused=True, if_empty=True)
-            await self.ledger.forget(holding.name)
+            if await _is_empty(holding):
+                await holding.delete(if_unused=False, if_empty=False)
+                await self.ledger.forget(holding.name)
         finally:
             await settle(channel.close())
         logger.warning("queue %s: moved %d held message(s) back", queue.name, moved)
 
-    async def _delete_if_empty(self, name: str) -> bool:
-        channel = await self.transport.open_channel(confirms=False)
-        try:
-            queue = await channel.declare_queue(name, passive=True)
-            await queue.delete(if_unused=True, if_empty=True)
-        except (ChannelPreconditionFailed, ChannelNotFoundEntity):
-            return False  # not empty or in use (or gone meanwhile: declaring will tell)
-        finally:
-            await settle(channel.close())
-        return True
 
-    async def _depth(self, name: str) -> tuple[int, int]:
-        channel = await self.transport.open_channel(confirms=False)
-        try:
-            result = (await channel.declare_queue(name, passive=True)).declaration_result
-        finally:
-            await settle(channel.close())
-        return result.message_count or 0, result.consumer_count or 0
+def _counts(queue: AbstractQueue) -> tuple[int, int]:
+    result = queue.declaration_result
+    return result.message_count or 0, result.consumer_count or 0
+
+
+async def _is_empty(queue: AbstractQueue) -> bool:
+    """Whether ``queue`` holds no message, asked with ``basic.get``.
+
+    Not from ``queue.declare``'s count: a quorum queue's count there trails what it holds
+    (seen: 0 for a queue holding a message, 3 for one just emptied).
+    """
+    incoming = await queue.get(no_ack=False, fail=False)
+    if incoming is None:
+        return True
+    await incoming.nack(requeue=True)
+    return False
+
+
+async def _unbind(queue: AbstractQueue, bindings: Iterable[Binding]) -> None:
+    for binding in sorted(bindings):
+        await queue.unbind(binding.exchange, binding.routing_key)
 
 
 async def _move(channel: AbstractChannel, source: AbstractQueue, target: str) -> int:
