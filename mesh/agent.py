@@ -28,6 +28,7 @@ from mesh.envelope import (
     from_amqp,
     to_amqp,
 )
+from mesh.idempotency import HandledIds
 from mesh.membership import REDIS_DOWN, Membership
 from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord, Registry
 from mesh.retry import Retries
@@ -62,6 +63,9 @@ GATEWAY_CAPABILITY = "gateway"
 """The capability gateways register with (they answer ``ping`` only to their own id)."""
 
 CONTROL_COMMANDS = frozenset({"ping", "start_behaviour", "stop_behaviour", "shutdown"})
+
+STARTS_AT_ONCE = 64
+"""Behaviours an agent starts concurrently (each opens a channel and declares a queue)."""
 
 LIVENESS_CACHE = 1.0
 """Seconds a requester trusts that an agent it found in the registry is still there."""
@@ -105,10 +109,7 @@ class RPCBehaviour(Behaviour):
 
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
         return await topology.declare_request_queue(
-            channel,
-            self.queue_name,
-            self.binding_keys,
-            self.agent.settings.request_queue_expires,
+            channel, self.queue_name, self.agent.settings.request_queue_expires
         )
 
     @property
@@ -163,6 +164,12 @@ class Agent(Service):
         self.registry = Registry(self.redis, self.settings.namespace, self.settings.heartbeat_ttl)
         self.state_store = StateStore(self.redis, self.settings.namespace)
         self.bindings_ledger = BindingLedger(self.redis, self.settings.namespace)
+        self.handled_ids = HandledIds(
+            self.redis,
+            self.settings.namespace,
+            window=self.settings.idempotency_window,
+            lease=self.settings.shutdown_timeout,
+        )
         self._state = (
             StateSlot(self.state_store, self.state_store.key(self.id), self.state_model)
             if self.state_model is not None
@@ -219,9 +226,7 @@ class Agent(Service):
         await self._open_inbox()
         if self._state is not None:
             await self._state.try_restore()
-        for behaviour in self.behaviour_map.values():
-            if behaviour.autostart:
-                await behaviour.start()
+        await self._start_behaviours()
         if self.registered:
             await self._membership.join()
             self.add_future(self._membership.run())
@@ -231,6 +236,27 @@ class Agent(Service):
             self.instance,
             ", ".join(self.behaviour_map) or "(none)",
         )
+
+    async def _start_behaviours(self) -> None:
+        """Start the autostart behaviours, ``STARTS_AT_ONCE`` at a time.
+
+        One after another, an agent with 1,000 behaviours took 12.5 s to start: each
+        declare waits for the broker (a quorum queue starts a Raft group).  All of them
+        are started before a failure is raised, so stopping the agent finds none half-way.
+        """
+        slots = asyncio.Semaphore(STARTS_AT_ONCE)
+
+        async def start(behaviour: Behaviour) -> None:
+            async with slots:
+                await behaviour.start()
+
+        results = await asyncio.gather(
+            *(start(b) for b in self.behaviour_map.values() if b.autostart),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
 
     async def on_stop(self) -> None:
         self._leaving = True

@@ -26,8 +26,10 @@ from mesh.bindings import Binding, BindingLedger, reconcile
 from mesh.config import Settings
 from mesh.deadletter import DeadLetters
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
+from mesh.idempotency import Claim, HandledIds
+from mesh.membership import REDIS_DOWN
 from mesh.retry import Retries
-from mesh.state import Change, StateError, StateSlot, StateStore, as_change
+from mesh.state import Change, StateError, StateSlot, StateStore, StateUnavailable, as_change
 from mesh.topology import QueueMismatch, TopicError, TopologyError
 from mesh.transport import PublishError, Refused, Transport, is_stale, settle
 from mesh.upgrade import QueueUpgrade
@@ -156,6 +158,8 @@ class Host(Protocol):
     def retries(self) -> Retries: ...
     @property
     def state_store(self) -> StateStore: ...
+    @property
+    def handled_ids(self) -> HandledIds: ...
 
     async def publish(
         self,
@@ -213,7 +217,8 @@ class Behaviour:
     max_queue_length: ClassVar[int | None] = None
     """Messages the queue holds before the oldest are dead-lettered; ``None``: the settings'."""
     idempotent: ClassVar[bool] = False
-    """Skip a message whose id this behaviour already handled (remembered in Redis)."""
+    """Skip an event whose id this behaviour handled already (ids kept in Redis for
+    ``idempotency_window`` seconds): effectively-once handling of at-least-once delivery."""
     autostart: ClassVar[bool] = True
     state_model: ClassVar[type[BaseModel] | None] = None
     """The pydantic model of ``self.state``, kept in Redis per agent and behaviour."""
@@ -321,17 +326,16 @@ class Behaviour:
         return topology.behaviour_queue_args(self.queue_type, max_length)
 
     async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
-        """Declare the queue the handlers consume, bound to ``binding_keys``."""
+        """Declare the queue the handlers consume (starting binds it to ``bindings``)."""
         if self.broadcast:
             return await topology.declare_broadcast_queue(
                 channel,
                 self.queue_name,
-                self.binding_keys,
                 self.queue_arguments,
                 self.agent.settings.broadcast_queue_expires,
             )
         return await topology.declare_shared_queue(
-            channel, self.queue_name, self.binding_keys, self.queue_arguments
+            channel, self.queue_name, self.queue_arguments
         )
 
     # --- what behaviours call -----------------------------------------------------
@@ -642,6 +646,9 @@ class _Dispatch:
                 reason = f"payload does not match {route.spec.model.__name__}: {_errors(exc)}"
                 await self._reject(message, reason)
                 return
+        if b.idempotent and message.type is MessageType.EVENT:
+            await self._once(message, route, payload)
+            return
         try:
             result = await route.handler(message, payload)
         except asyncio.CancelledError:
@@ -661,6 +668,42 @@ class _Dispatch:
                     "%s.%s: reply to %s lost: %s", b.name, route.name, message.reply_to, exc
                 )
         await settle(incoming.ack())
+
+    async def _once(self, message: Message, route: Route, payload: Any) -> None:
+        """Handle an event unless a delivery of it was handled already (``idempotent``)."""
+        b = self.behaviour
+        handled = b.agent.handled_ids
+        key = handled.key(b.agent.id, b.name, message.message_id)
+        try:
+            claim = await handled.claim(key)
+        except REDIS_DOWN as exc:
+            unknown = StateUnavailable(f"whether it was handled before is unknown: Redis: {exc}")
+            await self._failed(message, route, unknown)
+            return
+        if claim is Claim.DONE:
+            logger.info("%s: %s was handled before; skipped", b.name, message.message_id)
+            await settle(self.incoming.ack())
+            return
+        if claim is Claim.BUSY:
+            # Another delivery of it is in a handler right now: look again later, and do
+            # not count this as an attempt (it never ran).
+            await b.agent.retries.send(
+                self.incoming, b.queue_name, attempt=message.attempt, delay=b.retry_delay(1)
+            )
+            await settle(self.incoming.ack())
+            return
+        try:
+            await route.handler(message, payload)
+        except asyncio.CancelledError:
+            await _settle_claim(handled.release(key))
+            raise
+        except Exception as exc:
+            await _settle_claim(handled.release(key))
+            await self._failed(message, route, exc)
+            return
+        # Done before acked: a crash in between skips the redelivery, as it should.
+        await _settle_claim(handled.done(key))
+        await settle(self.incoming.ack())
 
     async def _reject(self, message: Message, reason: str) -> None:
         """Dead-letter a message no retry can fix; tell a waiting requester why."""
@@ -732,6 +775,14 @@ class _Dispatch:
         logger.error("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
         await settle(incoming.ack())
+
+
+async def _settle_claim(operation: Awaitable[None]) -> None:
+    """A claim that cannot be recorded lapses after its lease; that is all it costs."""
+    try:
+        await operation
+    except REDIS_DOWN as exc:
+        logger.warning("handled-ids not updated (Redis: %s); the claim lapses", exc)
 
 
 def _errors(exc: ValidationError) -> str:

@@ -386,28 +386,19 @@ def behaviour_queue_args(queue_type: str, max_length: int) -> dict[str, Any]:
     return arguments
 
 
-async def _bind(queue: AbstractQueue, patterns: list[str]) -> AbstractQueue:
-    for pattern in patterns:
-        await queue.bind(delivery_exchange(pattern), pattern)
-    # Retried messages come back by the queue's own name (see declare_retry_queue).
-    await queue.bind(REQUEUE_EXCHANGE, requeue_key(queue.name))
-    return queue
-
-
 async def declare_shared_queue(
-    channel: AbstractChannel, name: str, patterns: list[str], arguments: dict[str, Any]
+    channel: AbstractChannel, name: str, arguments: dict[str, Any]
 ) -> AbstractQueue:
-    """Declare a behaviour's queue, shared by the agent's replicas, bound to ``patterns``."""
-    queue = await _declare_queue(channel, name, durable=True, arguments=arguments)
-    return await _bind(queue, patterns)
+    """Declare a behaviour's queue, shared by the agent's replicas.
+
+    Declaring binds nothing: ``bindings.reconcile`` binds what the behaviour declares
+    (each durable binding is a broker transaction, so binding twice slows every start).
+    """
+    return await _declare_queue(channel, name, durable=True, arguments=arguments)
 
 
 async def declare_broadcast_queue(
-    channel: AbstractChannel,
-    name: str,
-    patterns: list[str],
-    arguments: dict[str, Any],
-    expires: float,
+    channel: AbstractChannel, name: str, arguments: dict[str, Any], expires: float
 ) -> AbstractQueue:
     """Declare one instance's queue for a broadcast-mode behaviour.
 
@@ -416,12 +407,11 @@ async def declare_broadcast_queue(
     for ``expires`` seconds (its instance is gone).
     """
     arguments = arguments | {"x-expires": int(expires * 1000)}
-    queue = await _declare_queue(channel, name, durable=True, arguments=arguments)
-    return await _bind(queue, patterns)
+    return await _declare_queue(channel, name, durable=True, arguments=arguments)
 
 
 async def declare_request_queue(
-    channel: AbstractChannel, name: str, patterns: list[str], expires: float
+    channel: AbstractChannel, name: str, expires: float
 ) -> AbstractQueue:
     """Declare the classic queue an agent's replicas share for its ``@rpc`` operations.
 
@@ -432,15 +422,12 @@ async def declare_request_queue(
     (its caller already got a timeout), so the broker drops it.  Once no instance has
     consumed it for ``expires`` seconds the agent is gone, and the broker deletes it.
     """
-    queue = await _declare_queue(
+    return await _declare_queue(
         channel,
         name,
         durable=True,
         arguments={"x-queue-type": "classic", "x-expires": int(expires * 1000)},
     )
-    for pattern in patterns:
-        await queue.bind(delivery_exchange(pattern), pattern)
-    return queue
 
 
 async def declare_inbox(

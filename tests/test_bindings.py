@@ -47,7 +47,7 @@ async def channel(settings: Settings) -> AsyncIterator[AbstractChannel]:
 @pytest.fixture
 async def queue(channel: AbstractChannel) -> AbstractQueue:
     """A behaviour queue as the mesh declares it, with no topic bindings yet."""
-    return await declare_shared_queue(channel, "mesh.q.shop.orders", [], QUEUE_ARGS)
+    return await declare_shared_queue(channel, "mesh.q.shop.orders", QUEUE_ARGS)
 
 
 @pytest.fixture
@@ -171,7 +171,7 @@ async def test_two_versions_starting_at_once_leave_the_last_writers_bindings(
     other_redis = aioredis.from_url(settings.redis_url)
     try:
         other_channel = await other_connection.channel()
-        other_queue = await declare_shared_queue(other_channel, queue.name, [], QUEUE_ARGS)
+        other_queue = await declare_shared_queue(other_channel, queue.name, QUEUE_ARGS)
         other_ledger = BindingLedger(other_redis, namespace)
         for _ in range(5):
             await asyncio.gather(
