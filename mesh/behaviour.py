@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import logging
 import re
+import time
 import traceback
 import warnings
 from collections.abc import Awaitable, Callable
@@ -617,6 +618,8 @@ class _Dispatch:
     def __init__(self, behaviour: Behaviour, incoming: AbstractIncomingMessage) -> None:
         self.behaviour = behaviour
         self.incoming = incoming
+        self.outcome = "handled"
+        """What became of the message, for the debug log."""
 
     async def run(self) -> None:
         b = self.behaviour
@@ -627,8 +630,19 @@ class _Dispatch:
             await b.agent.dead_letters.send(incoming, f"malformed message: {exc}", b.queue_name)
             await settle(incoming.ack())
             return
+        started = time.perf_counter()
         with logcontext.handling(message.message_id):
-            await self._dispatch(message)
+            try:
+                await self._dispatch(message)
+            finally:
+                logger.debug(
+                    "%s %s %s: %s in %.1f ms",
+                    b.name,
+                    message.topic,
+                    message.message_id,
+                    self.outcome,
+                    (time.perf_counter() - started) * 1000,
+                )
 
     async def _dispatch(self, message: Message) -> None:
         b = self.behaviour
@@ -681,10 +695,12 @@ class _Dispatch:
             await self._failed(message, route, unknown)
             return
         if claim is Claim.DONE:
+            self.outcome = "skipped (handled before)"
             logger.info("%s: %s was handled before; skipped", b.name, message.message_id)
             await settle(self.incoming.ack())
             return
         if claim is Claim.BUSY:
+            self.outcome = "deferred (another delivery of it is being handled)"
             # Another delivery of it is in a handler right now: look again later, and do
             # not count this as an attempt (it never ran).
             await b.agent.retries.send(
@@ -710,6 +726,7 @@ class _Dispatch:
         b = self.behaviour
         incoming = self.incoming
         logger.warning("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
+        self.outcome = "dead-lettered (refused)"
         if message.type is MessageType.REQUEST:
             await self._answer_error(message, {"error": reason, "type": "InvalidRequest"})
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
@@ -730,6 +747,7 @@ class _Dispatch:
         if message.type is MessageType.REQUEST:
             # The caller is waiting: answer now rather than retrying behind its back.
             logger.warning("%s.%s failed: %s", b.name, route.name, summary)
+            self.outcome = f"failed, error answered ({type(exc).__name__})"
             # The type travels on its own: RemoteError shows "Type: detail" once.
             detail = str(exc) or type(exc).__name__
             await self._answer_error(message, {"error": detail, "type": type(exc).__name__})
@@ -760,6 +778,7 @@ class _Dispatch:
                 )
                 await self._dead_letter(message, reason)
                 return
+            self.outcome = f"failed ({type(exc).__name__}), retry {attempt + 1} in {delay:g}s"
             await settle(incoming.ack())
             return
         frames = traceback.extract_tb(exc.__traceback__)[-3:]
@@ -773,6 +792,7 @@ class _Dispatch:
         b = self.behaviour
         incoming = self.incoming
         logger.error("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
+        self.outcome = "dead-lettered (failed)"
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
         await settle(incoming.ack())
 
