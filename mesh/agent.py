@@ -180,6 +180,7 @@ class Agent(Service):
         )
         self._membership_tasks: set[asyncio.Task[None]] = set()
         self._leaving = False
+        self._joined = False
         self._stopping_task: asyncio.Task[None] | None = None
         self.behaviour_map: dict[str, Behaviour] = {}
         self._awaited: dict[str, _Awaited] = {}
@@ -228,6 +229,7 @@ class Agent(Service):
             await self._state.try_restore()
         await self._start_behaviours()
         if self.registered:
+            self._joined = True
             await self._membership.join()
             self.add_future(self._membership.run())
         logger.info(
@@ -262,7 +264,8 @@ class Agent(Service):
         self._leaving = True
         await asyncio.gather(*(b.stop() for b in self.behaviour_map.values()))
         await asyncio.gather(*self._membership_tasks, return_exceptions=True)
-        if self.registered:
+        if self._joined:  # not when the start failed before it joined
+            self._joined = False
             await self._membership.leave()
         for awaited in self._awaited.values():
             awaited.replies.put_nowait(None)

@@ -38,6 +38,7 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._silent = False
+        self._refusing = False
         self._reply_delay = 0.0
         # Set and replaced whenever the delay changes, so replies held back re-check it at once.
         self._delay_changed = asyncio.Event()
@@ -93,6 +94,14 @@ class Proxy:
             link.silent = True
             link.client.close()
 
+    def refuse_clients(self) -> None:
+        """Close every new connection at once, as a broker that is down would refuse it."""
+        self._refusing = True
+
+    def accept_clients(self) -> None:
+        """Forward new connections again (after ``refuse_clients``)."""
+        self._refusing = False
+
     def resume(self) -> None:
         """Forward again on connections made from now on (silenced ones stay silent)."""
         self._silent = False
@@ -115,6 +124,9 @@ class Proxy:
             self._server = None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            writer.close()
+            return
         self.accepted += 1
         link = _Link(client=writer, silent=self._silent)
         self._links.add(link)

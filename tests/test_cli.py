@@ -81,3 +81,23 @@ def test_missing_vhost_and_bad_password_are_named_in_one_line(services: Services
     assert "refused the login of user 'guest'" in result.stderr
     assert "not-the-password" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_without_a_broker_says_so_in_lines_of_its_own_and_exits_1() -> None:
+    """``mesh run`` keeps trying for MESH_CONNECT_TIMEOUT with one warning, then fails with
+    one error line: no traceback, no line per attempt from aio-pika or aiormq."""
+    port = free_port()
+    result = mesh(
+        "run",
+        "examples.vehicles:Vehicle",
+        "--id",
+        "v1",
+        MESH_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/",
+        MESH_CONNECT_TIMEOUT="1.5",
+    )
+    assert result.returncode == 1
+    unreachable = [line for line in result.stderr.splitlines() if "RabbitMQ unreachable" in line]
+    assert len(unreachable) == 2, result.stderr  # "trying again for 1.5s", then the error
+    assert "trying again for 1.5s" in unreachable[0]
+    for noise in ("Traceback", "Reconnecting after", "error when creating transport"):
+        assert noise not in result.stderr

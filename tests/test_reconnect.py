@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
+import pytest
 from agents_reliability import Host, consumers, host, vhost_of
 from helpers import eventually, running
 from proxy import Proxy
 
 from behaviours import SubscriberBehaviour
 from mesh import Agent, Message, RequestTimeout, Settings, on, rpc, topology
+from mesh.connection import FIRST_RETRY, BackoffConnection
 from mesh.devservices import BrokerAdmin
 from mesh.gateway import Gateway
 
@@ -79,3 +82,29 @@ async def test_agent_reconnects_while_the_broker_holds_its_old_connection(
             # unacked messages return to the queue when the broker drops it.
             queue = topology.broadcast_queue("st", "s1", Everyone.name)
             await eventually(lambda: consumers_are(admin, settings, queue, 2))
+
+
+async def test_an_outage_is_logged_once_and_reconnects_back_off(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the broker is away an agent logs the outage once and its recovery once, not a
+    line per attempt; the wait between attempts grows with the outage."""
+    caplog.set_level(logging.INFO)
+    async with Proxy.for_url(settings.amqp_url) as proxy:
+        behind = settings.model_copy(update={"amqp_url": proxy.url_for(settings.amqp_url)})
+        agent = Status("st", settings=behind, instance="s1")
+        caller = Agent("caller", settings=settings)
+        async with running(Gateway(settings=settings), agent, caller):
+            connection = agent.transport.connection
+            assert isinstance(connection, BackoffConnection)
+            assert connection.reconnect_interval == FIRST_RETRY
+            proxy.refuse_clients()
+            proxy.drop_clients()
+            await eventually(lambda: connection.reconnect_interval > FIRST_RETRY, timeout=20)
+            proxy.accept_clients()
+            assert await answered_within(caller, "st", 30) == {"instance": "s1"}
+    texts = [str(r.msg) for r in caplog.records]  # templates: some records' args do not format
+    lost = [t for t in texts if t.startswith("lost the connection to RabbitMQ")]
+    back = [t for t in texts if t.startswith("reconnected to RabbitMQ after")]
+    assert len(lost) == len(back) == 2  # the agent's two connections
+    assert not [t for t in texts if "Reconnecting after" in t or "Connection attempt to" in t]

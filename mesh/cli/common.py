@@ -22,6 +22,9 @@ from mesh.transport import PublishError
 
 T = TypeVar("T")
 
+COMMAND_CONNECT_TIMEOUT = 2.0
+"""Seconds a command (``call``, ``publish`` …) tries to reach RabbitMQ."""
+
 
 def load_agent_class(spec: str) -> type[Agent]:
     """Import ``module:Class`` (relative to the current directory too)."""
@@ -61,7 +64,10 @@ def with_client(func: Callable[[Agent], Awaitable[T]]) -> T:
     """Run ``func`` with a short-lived agent that has no behaviours (for commands)."""
 
     async def main() -> T:
-        client = Client(settings=settings_or_exit())
+        settings = settings_or_exit()
+        # A command fails fast when the broker is away; agents keep trying (see run).
+        settings = settings.model_copy(update={"connect_timeout": COMMAND_CONNECT_TIMEOUT})
+        client = Client(settings=settings)
         async with client:
             return await func(client)
 
