@@ -3,6 +3,11 @@ full queue drops is dead-lettered and counted."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
+
 import pytest
 import redis.asyncio as aioredis
 from agents_reliability import Host, host, mesh_id, peek, subscriber, vhost_of
@@ -108,3 +113,64 @@ async def test_full_queue_of_a_departed_agent_drops_its_oldest_and_stalls_no_one
             return True
 
         await eventually(fifteen_dropped)
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        "MESH_AMQP_URL": settings.amqp_url,
+        "MESH_REDIS_URL": settings.redis_url,
+        "MESH_NAMESPACE": settings.namespace,
+    }
+
+
+async def mesh_cli(settings: Settings, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh.cli", *args,
+        env={**os.environ, **cli_env(settings)},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
+    return int(process.returncode or 0), out.decode(), err.decode()
+
+
+async def test_queues_lists_depth_drops_and_owners_and_forget_removes_the_departed(
+    settings: Settings,
+) -> None:
+    """``mesh queues`` shows a departed agent's full queue as gone with what it dropped;
+    ``mesh forget`` refuses a live agent, asks before deleting, and deletes."""
+    departed = subscriber(settings, Tally, agent_id="zz")
+    live = subscriber(settings, Live, agent_id="live")
+    publisher = Client(settings=settings)
+    queue = topology.behaviour_queue("zz", "tally")
+    async with running(Gateway(settings=settings), live, publisher):
+        async with running(departed):
+            pass
+        for n in range(20):
+            await publisher.publish("count.up", {"n": n})
+        await take(live.seen, 20)
+
+        async def listed() -> dict[str, dict[str, object]]:
+            code, out, err = await mesh_cli(settings, "queues", "--json")
+            assert code == 0, err
+            rows = {row["name"]: row for row in json.loads(out)}
+            assert rows[queue]["dropped"] == 15 and rows[queue]["messages"] == 5, rows[queue]
+            return rows
+
+        rows = await eventually(listed, timeout=30)  # the broker samples depths every 5 s
+        assert (rows[queue]["owner"], rows[queue]["state"]) == ("zz", "gone")
+        mine = topology.behaviour_queue("live", "live")
+        assert (rows[mine]["owner"], rows[mine]["state"]) == ("live", "live")
+        assert rows[topology.GATEWAY_QUEUE]["owner"] == "(mesh)"
+
+        code, _, err = await mesh_cli(settings, "forget", "live", "--yes")
+        assert code == 1 and "agent 'live' is alive" in err
+
+        code, out, err = await mesh_cli(settings, "forget", "zz", stdin="n\n")
+        assert code == 1 and "losing 5 message(s)?" in out and "nothing deleted" in err
+        code, out, _ = await mesh_cli(settings, "forget", "zz", stdin="y\n")
+        assert code == 0 and "deleted 1 queue(s) of 'zz'" in out
+
+        api = ManagementAPI.for_settings(settings)
+        assert queue not in {q.name for q in await api.queues(vhost_of(settings))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mesh.cli import agents, control, publish, run, tail
+from mesh.cli import agents, control, publish, queues, run, tail
 from mesh.cli.common import example
 
 
@@ -37,3 +37,7 @@ main.add_command(tail.tail)
 
 # The registry: mesh/cli/agents.py
 main.add_command(agents.agents)
+
+# The mesh's queues: mesh/cli/queues.py
+main.add_command(queues.queues)
+main.add_command(queues.forget)

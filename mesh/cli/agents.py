@@ -9,11 +9,8 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import click
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry as RedisRetry
-from redis.backoff import NoBackoff
 
-from mesh.cli.common import echo_json, echo_table, example, settings_or_exit
+from mesh.cli.common import command_redis, echo_json, echo_table, example, settings_or_exit
 from mesh.membership import REDIS_DOWN
 from mesh.registry import Registry
 
@@ -25,10 +22,7 @@ def _registry_query(func: Callable[[Registry], Awaitable[T]]) -> T:
 
     async def main() -> T:
         settings = settings_or_exit()
-        # One attempt, whatever the URL asks: each redis-py retry would wait a timeout more.
-        redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=2, retry=RedisRetry(NoBackoff(), 0)
-        )
+        redis = command_redis(settings)
         try:
             return await func(Registry(redis, settings.namespace, settings.heartbeat_ttl))
         except REDIS_DOWN as exc:

@@ -11,6 +11,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import click
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import NoBackoff
 
 from mesh import logcontext
 from mesh.agent import Agent, RemoteError, RequestTimeout
@@ -76,6 +79,14 @@ def with_client(func: Callable[[Agent], Awaitable[T]]) -> T:
         return asyncio.run(main())
     except (BrokerUnavailable, PublishError, RequestTimeout, RemoteError, TopicError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def command_redis(settings: Settings) -> aioredis.Redis:
+    """A Redis client for a command: one attempt per call, whatever the URL asks (each
+    redis-py retry would wait a timeout more)."""
+    return aioredis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, retry=RedisRetry(NoBackoff(), 0)
+    )
 
 
 def example(*lines: str) -> str:
