@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import re
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
-from mesh import Agent
+from mesh import Agent, Settings
 
 T = TypeVar("T")
 
@@ -90,3 +92,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    """Environment that points a ``mesh`` command at ``settings``' vhost and namespace."""
+    return {
+        "MESH_AMQP_URL": settings.amqp_url,
+        "MESH_REDIS_URL": settings.redis_url,
+        "MESH_NAMESPACE": settings.namespace,
+    }
+
+
+async def mesh_cli(settings: Settings, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    """Run ``mesh ARGS`` on ``settings``; ``(exit code, stdout, stderr)``."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mesh.cli", *args,
+        env={**os.environ, **cli_env(settings)},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
+    return int(process.returncode or 0), out.decode(), err.decode()

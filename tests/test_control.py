@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from agents_core import Recorder, recorder
-from helpers import eventually, running
+from helpers import eventually, mesh_cli, running
 
 from behaviours import OneShotBehaviour, PeriodicBehaviour, SubscriberBehaviour
 from mesh import BehaviourStatus, Client, InstanceRecord, Message, MessageType, Settings, on
@@ -179,3 +179,21 @@ async def test_cli_ping_json(settings: Settings) -> None:
         "finish": ("oneshot", "done", 5),
     }
     assert alpha_record.pid == os.getpid()
+
+
+async def test_mesh_shutdown_all_stops_every_agent_but_the_gateway(settings: Settings) -> None:
+    """``mesh shutdown _all`` reaches every agent's instances; gateways take no command sent
+    to all, so the mesh can still be driven afterwards."""
+    gateway = Gateway(settings=settings)
+    first = Recorder("first", settings=settings)
+    second = Recorder("second", settings=settings)
+    async with running(gateway, first, second):
+        code, out, err = await mesh_cli(settings, "shutdown", "_all", "--timeout", "5")
+        assert code == 0, err
+        assert sorted(line.split("/")[0] for line in out.splitlines()) == ["first", "second"]
+        await asyncio.wait_for(first.wait_until_stopped(), 15)
+        await asyncio.wait_for(second.wait_until_stopped(), 15)
+        assert not gateway.should_stop
+        client = Client(settings=settings)
+        async with running(client):
+            assert [r.agent for r in await client.ping("gateway", timeout=5)] == ["gateway"]

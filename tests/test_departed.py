@@ -3,15 +3,12 @@ full queue drops is dead-lettered and counted."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 
 import pytest
 import redis.asyncio as aioredis
 from agents_reliability import Host, host, mesh_id, peek, subscriber, vhost_of
-from helpers import eventually, running, take
+from helpers import eventually, mesh_cli, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Client, Message, RemoteError, Settings, on, rpc, topology
@@ -113,26 +110,6 @@ async def test_full_queue_of_a_departed_agent_drops_its_oldest_and_stalls_no_one
             return True
 
         await eventually(fifteen_dropped)
-
-
-def cli_env(settings: Settings) -> dict[str, str]:
-    return {
-        "MESH_AMQP_URL": settings.amqp_url,
-        "MESH_REDIS_URL": settings.redis_url,
-        "MESH_NAMESPACE": settings.namespace,
-    }
-
-
-async def mesh_cli(settings: Settings, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mesh.cli", *args,
-        env={**os.environ, **cli_env(settings)},
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
-    return int(process.returncode or 0), out.decode(), err.decode()
 
 
 async def test_queues_lists_depth_drops_and_owners_and_forget_removes_the_departed(
