@@ -310,7 +310,9 @@ async def test_from_amqp_refuses_an_unknown_type(channel: AbstractChannel) -> No
 
 
 async def test_queue_declared_differently_before_names_the_conflict(settings: Settings) -> None:
-    """An agent whose queue exists with other arguments fails with a TopologyError naming it."""
+    """An agent whose queue exists with other arguments and holds a message fails with a
+    TopologyError naming the queue, the argument and the way through (an empty one is
+    re-created: tests/test_upgrade.py)."""
 
     class Old(Agent):
         @rpc("status")
@@ -323,10 +325,14 @@ async def test_queue_declared_differently_before_names_the_conflict(settings: Se
         await channel.declare_queue(
             "mesh.q.old.rpc", durable=True, arguments={"x-queue-type": "quorum"}
         )
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), "mesh.q.old.rpc")
     agent = Old("old", settings=settings)
-    with pytest.raises(TopologyError, match=r"mesh\.q\.old\.rpc.*delete"):
-        await agent.start()
-    await agent.stop()
+    try:
+        conflict = r"mesh\.q\.old\.rpc.*inequivalent arg.*--migrate-queues"
+        with pytest.raises(TopologyError, match=conflict):
+            await agent.start()
+    finally:
+        await agent.stop()
 
 
 @pytest.mark.parametrize(
