@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -70,10 +70,58 @@ async def settle(operation: Awaitable[Any]) -> None:
         logger.debug("could not settle message (%r); the broker will redeliver it", exc)
 
 
-def is_stale(incoming: AbstractIncomingMessage) -> bool:
-    """Whether ``incoming`` came on a channel that has since closed (so it was requeued)."""
+async def ack(incoming: AbstractIncomingMessage) -> bool:
+    """Ack ``incoming``; false when its channel closed first (the broker requeued it).
+
+    Never hangs on a lost connection: an ack waiting for room in the write queue of a
+    connection whose writer is gone (aiormq leaves that queue full) gives up when the
+    channel closes.  True does not prove the broker got the ack: acks are not confirmed,
+    and one sent after the broker closed the channel, before the close reached us, is
+    lost as well.
+    """
+    return await _settle_delivery(incoming, incoming.ack)
+
+
+async def reject(incoming: AbstractIncomingMessage, *, requeue: bool) -> bool:
+    """Reject ``incoming`` (to its queue again, or to its dead-letter exchange, if any);
+    false when its channel closed first.  Like ``ack``, never hangs on a lost connection."""
+    return await _settle_delivery(incoming, lambda: incoming.reject(requeue=requeue))
+
+
+async def _settle_delivery(
+    incoming: AbstractIncomingMessage, operation: Callable[[], Awaitable[None]]
+) -> bool:
     try:
-        return incoming.channel.is_closed
+        channel = incoming.channel
+    except ChannelInvalidStateError:
+        return False
+    if _closing(channel):
+        return False
+    if isinstance(channel, aiormq.Channel) and not channel.connection.write_queue.full():
+        # The common case: queued at once; a close fails the wait for the write.
+        try:
+            await operation()
+        except Exception:
+            return False
+        return True
+    settling = asyncio.ensure_future(operation())
+    closed = channel.closing  # an observer: cancelling it leaves the channel alone
+    try:
+        await asyncio.wait((settling, closed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closed.cancel()
+    if not settling.done():
+        settling.cancel()
+        await asyncio.gather(settling, return_exceptions=True)
+        return False
+    return not settling.cancelled() and settling.exception() is None
+
+
+def is_stale(incoming: AbstractIncomingMessage) -> bool:
+    """Whether ``incoming`` came on a channel that has since closed, or that the broker is
+    closing: either way the broker requeued it, and settling it is no longer possible."""
+    try:
+        return _closing(incoming.channel)
     except ChannelInvalidStateError:
         return True
 
@@ -88,6 +136,10 @@ class Unroutable(PublishError):
 
 class Refused(PublishError):
     """The broker refused the message (no such exchange, no permission); retrying won't help."""
+
+
+class Abandoned(PublishError):
+    """The message was not sent: the caller's ``wanted`` said it is no longer wanted."""
 
 
 class Transport:
@@ -186,6 +238,7 @@ class Transport:
         message: aio_pika.abc.AbstractMessage,
         *,
         mandatory: bool = False,
+        wanted: Callable[[], bool] | None = None,
     ) -> None:
         """Publish and wait for the broker's confirm; raise ``PublishError`` otherwise.
 
@@ -195,6 +248,12 @@ class Transport:
         its own refusal can fail it.  A message re-published this way may arrive twice
         (its first copy may have been routed before the close took its confirm) and after
         messages published later.
+
+        ``wanted``, if given, is asked right before the message is sent, the first time
+        and each time it is sent again (after a reconnect, on the probe); when it answers
+        false, nothing is sent and ``Abandoned`` is raised.  The gateway's relay uses it
+        so as not to send the copy of a delivery whose channel closed meanwhile: the broker
+        requeued that delivery, and its next delivery is relayed instead.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout
@@ -202,7 +261,7 @@ class Transport:
             try:
                 try:
                     result = await self._publish_shared(
-                        exchange, routing_key, message, mandatory, deadline
+                        exchange, routing_key, message, mandatory, deadline, wanted=wanted
                     )
                 except ChannelClosed as closed:
                     # Maybe this message's refusal, maybe another's (see the note above).
@@ -211,7 +270,7 @@ class Transport:
                         closed, exchange, routing_key,
                     )
                     result = await self._publish_alone(
-                        exchange, routing_key, message, mandatory, deadline
+                        exchange, routing_key, message, mandatory, deadline, wanted=wanted
                     )
             except (DeliveryError, ChannelClosed) as exc:
                 # A refusal (no permission, no such exchange …) will not change on retry.
@@ -237,11 +296,14 @@ class Transport:
         message: aio_pika.abc.AbstractMessage,
         mandatory: bool,
         deadline: float,
+        *,
+        wanted: Callable[[], bool] | None,
     ) -> object:
         channel = await self._writable(deadline)
         # Nothing may yield between _writable's checks and the frames being queued: with
         # wait=False, the channel lock free and room in the write queue, basic_publish
-        # queues them before its first yield.
+        # queues them before its first yield.  Nor between ``wanted`` and the frames.
+        _check_wanted(wanted, exchange, routing_key)
         return await channel.basic_publish(
             message.body,
             exchange=exchange,
@@ -279,8 +341,9 @@ class Transport:
                 await self._await_reopen(channel, deadline)
                 continue
             if not _has_room(channel):
-                # The connection's writer takes everything queued in one go.
-                await self._wait(channel.connection.write_queue.join(), deadline)
+                # The connection's writer takes everything queued in one go; a connection
+                # lost meanwhile never drains its queue, but its channel's close ends the wait.
+                await self._wait(_drained_or_closed(channel), deadline)
                 continue
             self._last_writable = channel
             return channel
@@ -317,6 +380,8 @@ class Transport:
         message: aio_pika.abc.AbstractMessage,
         mandatory: bool,
         deadline: float,
+        *,
+        wanted: Callable[[], bool] | None,
     ) -> object:
         """Publish on the probe channel, which carries one message at a time.
 
@@ -330,6 +395,7 @@ class Transport:
             probe = self._probe
             if probe is None or _closing(probe):
                 probe = self._probe = await self._open_probe(deadline)
+            _check_wanted(wanted, exchange, routing_key)
             try:
                 return await probe.basic_publish(
                     message.body,
@@ -408,6 +474,22 @@ def _has_room(channel: aiormq.Channel) -> bool:
     """
     queue = channel.connection.write_queue
     return not queue.maxsize or queue.qsize() < queue.maxsize - _RESERVED_FRAMES
+
+
+def _check_wanted(wanted: Callable[[], bool] | None, exchange: str, routing_key: str) -> None:
+    if wanted is not None and not wanted():
+        raise Abandoned(f"message to {exchange}/{routing_key} no longer wanted; not sent")
+
+
+async def _drained_or_closed(channel: aiormq.Channel) -> None:
+    """Until the connection's writer drained its write queue, or ``channel`` closed."""
+    drained = asyncio.ensure_future(channel.connection.write_queue.join())
+    closed = channel.closing  # an observer: cancelling it leaves the channel alone
+    try:
+        await asyncio.wait((drained, closed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        drained.cancel()
+        closed.cancel()
 
 
 def _closing(channel: aiormq.abc.AbstractChannel) -> bool:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from mesh import logcontext, topology
-from mesh.behaviour import Behaviour
+from mesh.behaviour import Behaviour, Host
 from mesh.bindings import Binding
 from mesh.envelope import (
     CONTENT_TYPE,
@@ -23,9 +25,33 @@ from mesh.envelope import (
 )
 from mesh.gateway.pipeline import Denied, Passage, Pipeline
 from mesh.topology import TopicError
-from mesh.transport import PublishError, Refused, Unroutable, is_stale, settle
+from mesh.transport import (
+    Abandoned,
+    PublishError,
+    Refused,
+    Unroutable,
+    ack,
+    is_stale,
+    reject,
+)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Window:
+    """What became of the deliveries of one consumer channel, while any is in flight.
+
+    A channel that closes takes the acks of all its deliveries with it, hundreds at once:
+    the relay says so in one line per channel, when its last delivery is done, not in a
+    line per message.
+    """
+
+    in_flight: int = 0
+    unacked: int = 0
+    """Relayed (the copy confirmed), but the ack was lost with the channel."""
+    returned: int = 0
+    """Not relayed: the channel closed first, and the broker requeued them."""
 
 
 class Relay(Behaviour):
@@ -35,14 +61,32 @@ class Relay(Behaviour):
     gateway that dies mid-way leaves the message to another replica.  Handlers take
     deliveries in order and publish without awaiting anything before the channel, so
     one relay keeps each sender's order while up to ``max_concurrency`` confirms overlap.
+
+    When the consumer channel closes (a broker-side close, a lost connection), the broker
+    requeues every delivery not acked on it and delivers it again.  A delivery whose copy
+    is not out yet is not relayed: the transport asks right before it sends (``wanted``),
+    so only the redelivery is relayed.  A delivery whose copy is already out is relayed
+    twice: its ack fails, or went out after the broker closed the channel and before the
+    close reached the gateway (acks are not confirmed: the gateway cannot tell).  Those
+    duplicates, up to the deliveries in flight (``mailbox_size``) per close, are the price
+    of at-least-once that the relay alone cannot avoid; it reports the acks it knows
+    failed, once per channel.
     """
 
     name = "relay"
     kind = "gateway"
     mailbox_size = 512
     max_concurrency = 512
+    on_reject: ClassVar[str] = (
+        f"the broker passes it to {topology.DEAD_LETTER_EXCHANGE}, without the reason"
+    )
+    """What the relay's queue does with a message the relay rejects."""
 
     pipeline: Pipeline
+
+    def __init__(self, agent: Host) -> None:
+        super().__init__(agent)
+        self._windows: dict[int, _Window] = {}
 
     @property
     def consumes(self) -> bool:
@@ -61,31 +105,37 @@ class Relay(Behaviour):
 
     async def handle_delivery(self, incoming: AbstractIncomingMessage) -> None:
         try:
+            channel = incoming.channel
+        except ChannelInvalidStateError:
+            return  # its channel closed on the way here: the broker requeued it
+        # Keyed by the channel's id while a delivery of it (which holds it) is here.
+        window = self._windows.get(id(channel))
+        if window is None:
+            window = self._windows[id(channel)] = _Window()
+        window.in_flight += 1
+        try:
             with logcontext.handling(incoming.message_id or "-"):
-                await self.relay(incoming)
+                await self._handle(incoming, window)
+        finally:
+            window.in_flight -= 1
+            if window.in_flight == 0:
+                del self._windows[id(channel)]
+                self._report(window)
+
+    async def _handle(self, incoming: AbstractIncomingMessage, window: _Window) -> None:
+        try:
+            await self.relay(incoming, window)
         except Exception as exc:
             if is_stale(incoming):
                 # Its channel closed, so the broker requeued it: another try will come.
-                logger.warning("relay of %s interrupted: %r", incoming.message_id, exc)
+                window.returned += 1
+                logger.debug("relay of %s interrupted: %r", incoming.message_id, exc)
                 return
             # Whatever went wrong, the message must not be retried into the same failure
-            # on every replica: dead-letter it with the reason, or failing that reject it
-            # (mesh.gateway dead-letters a rejected message; mesh.gateway.internal drops it).
-            logger.exception("relay of %s failed; dead-lettering it", incoming.message_id)
-            try:
-                await self.agent.dead_letters.send(
-                    incoming,
-                    f"gateway relay failed: {type(exc).__name__}: {exc}",
-                    self.queue_name,
-                    headers=_sender_headers(incoming),
-                    sender_id=incoming.message_id or "",
-                )
-            except Exception:
-                await settle(incoming.reject(requeue=False))
-                return
-            await settle(incoming.ack())
+            # on every replica: dead-letter it with the reason, or failing that reject it.
+            await self._dead_letter(incoming, exc)
 
-    async def relay(self, incoming: AbstractIncomingMessage) -> None:
+    async def relay(self, incoming: AbstractIncomingMessage, window: _Window) -> None:
         passage = Passage(incoming=incoming, routing_key=incoming.routing_key or "")
         try:
             await self.pipeline.run(passage)
@@ -102,18 +152,84 @@ class Relay(Behaviour):
                 passage.routing_key,
                 copy,
                 mandatory=topology.is_request(passage.routing_key),
+                # Asked right before each send (also after a reconnect): a delivery whose
+                # channel closed is back in the queue, and relaying it would relay it twice.
+                wanted=lambda: not is_stale(incoming),
             )
+        except Abandoned:
+            window.returned += 1
+            return
         except Unroutable:
             await self._no_route(passage)
-        except Refused:
-            raise  # no replica can relay it: handle_delivery dead-letters it with the reason
-        except PublishError as exc:
-            logger.error("relay of %s failed, requeueing: %s", incoming.message_id, exc)
-            await settle(incoming.nack(requeue=True))
+            await ack(incoming)
             return
-        # The copy is out: an ack lost with its channel only means a duplicate, never a
-        # dead letter of a message that was relayed.
-        await settle(incoming.ack())
+        except Refused:
+            raise  # no replica can relay it: _handle dead-letters it with the reason
+        except PublishError as exc:
+            if is_stale(incoming):
+                window.returned += 1
+                return
+            logger.error("relay of %s failed, requeueing: %s", incoming.message_id, exc)
+            await reject(incoming, requeue=True)
+            return
+        if not await ack(incoming):
+            # The copy is out but the channel closed: the broker redelivers the original,
+            # which is relayed again (a duplicate, never a dead letter).  Counted here and
+            # reported once per channel (``_report``).
+            window.unacked += 1
+            logger.debug("relayed %s but could not ack it", incoming.message_id)
+
+    async def _dead_letter(self, incoming: AbstractIncomingMessage, exc: Exception) -> None:
+        """Dead-letter a message the relay failed on, with the reason; failing that, reject it.
+
+        The outcome is logged once it happened, as what it is.
+        """
+        reason = f"gateway relay failed: {type(exc).__name__}: {exc}"
+        try:
+            await self.agent.dead_letters.send(
+                incoming,
+                reason,
+                self.queue_name,
+                headers=_sender_headers(incoming),
+                sender_id=incoming.message_id or "",
+            )
+        except Exception as failure:
+            if await reject(incoming, requeue=False):
+                outcome = f"rejected it: {self.on_reject}"
+            else:
+                outcome = "its channel closed meanwhile, so the broker redelivers it"
+            logger.error(
+                "relay of %s failed (%s), and so did dead-lettering it (%s: %s); %s",
+                incoming.message_id,
+                reason,
+                type(failure).__name__,
+                failure,
+                outcome,
+                exc_info=exc,
+            )
+            return
+        logger.error(
+            "relay of %s failed; dead-lettered it: %s", incoming.message_id, reason, exc_info=exc
+        )
+        await ack(incoming)
+
+    def _report(self, window: _Window) -> None:
+        """Say, once per closed channel, what the close did to the deliveries in flight."""
+        if window.unacked:
+            logger.warning(
+                "%d relayed messages from %s could not be acked: their channel closed; the "
+                "broker redelivers them (and any acked just before the close reached the "
+                "gateway), and subscribers may see them twice",
+                window.unacked,
+                self.queue_name,
+            )
+        if window.returned:
+            logger.info(
+                "%d messages from %s were not relayed: their channel closed, and the broker "
+                "redelivers them",
+                window.returned,
+                self.queue_name,
+            )
 
     async def _no_route(self, passage: Passage) -> None:
         words = passage.routing_key.split(".", 2)
@@ -152,7 +268,7 @@ class Relay(Behaviour):
             headers=_sender_headers(incoming),
             sender_id=incoming.message_id or "",
         )
-        await settle(incoming.ack())
+        await ack(incoming)
 
     async def _notify(self, passage: Passage, body: dict[str, Any]) -> None:
         """Tell the sender: on its reply route for a request, else on its error route.
@@ -197,6 +313,7 @@ class InternalRelay(Relay):
     """The relay of the mesh's own lane: ``mesh.gateway.internal`` to ``mesh.internal``."""
 
     name = "relay_internal"
+    on_reject: ClassVar[str] = "the broker drops it"
 
     @property
     def queue_name(self) -> str:
