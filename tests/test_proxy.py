@@ -23,18 +23,24 @@ async def proxy(services: Services) -> AsyncIterator[Proxy]:
         yield proxy
 
 
+PROXIED = "proxied-test-client"
+"""The name the proxied client gives its connections: other programs use the server too."""
+
+
 def through(proxy: Proxy, services: Services, socket_timeout: float = 30.0) -> aioredis.Redis:
     """A client to the suite's Redis by way of ``proxy``, which never retries by itself."""
     return aioredis.Redis.from_url(
         proxy.url_for(services.settings.redis_url),
         socket_timeout=socket_timeout,
         retry=Retry(NoBackoff(), 0),
+        client_name=f"{PROXIED}-{proxy.port}",
     )
 
 
-async def server_ids(redis: aioredis.Redis) -> set[int]:
-    """The ids of the client connections the Redis server holds."""
-    return {int(c["id"]) for c in await redis.client_list()}
+async def server_ids(redis: aioredis.Redis, proxy: Proxy) -> set[int]:
+    """The ids of the connections the Redis server holds for the client behind ``proxy``."""
+    name = f"{PROXIED}-{proxy.port}"
+    return {int(c["id"]) for c in await redis.client_list() if c.get("name") == name}
 
 
 def test_url_for_needs_a_started_proxy_and_a_port() -> None:
@@ -87,19 +93,19 @@ async def test_silence_keeps_the_server_side_open(
         with pytest.raises(RedisTimeoutError):
             await client.ping()
         # the client gave up on its connection; the server still holds it
-        assert old_id in await server_ids(redis)
+        assert old_id in await server_ids(redis, proxy)
         # a new connection is accepted but never reaches the server
-        before = await server_ids(redis)
+        before = await server_ids(redis, proxy)
         with pytest.raises(RedisTimeoutError):
             await client.ping()
         assert proxy.accepted == 2
-        assert await server_ids(redis) == before
+        assert await server_ids(redis, proxy) == before
 
         proxy.resume()
         assert await client.ping() is True
         assert proxy.accepted == 3
         # the connection silenced earlier stays so
-        assert old_id in await server_ids(redis)
+        assert old_id in await server_ids(redis, proxy)
     finally:
         await client.aclose()
     await proxy.close()
@@ -125,10 +131,10 @@ async def test_drop_clients_leaves_the_server_side_open(
         assert new_id != old_id
         assert proxy.accepted == 2
         # ... while the server still believes the old connection alive
-        assert {old_id, new_id} <= await server_ids(redis)
+        assert {old_id, new_id} <= await server_ids(redis, proxy)
     finally:
         await client.aclose()
 
 
 async def _gone(redis: aioredis.Redis, client_id: int) -> bool:
-    return client_id not in await server_ids(redis)
+    return client_id not in {int(c["id"]) for c in await redis.client_list()}
