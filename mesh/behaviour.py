@@ -32,7 +32,7 @@ from mesh.membership import REDIS_DOWN
 from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, StateUnavailable, as_change
 from mesh.topology import QueueMismatch, TopicError, TopologyError
-from mesh.transport import PublishError, Refused, Transport, is_stale, settle
+from mesh.transport import PublishError, Refused, Transport, ack, is_stale, reject, settle
 from mesh.upgrade import QueueUpgrade
 
 logger = logging.getLogger(__name__)
@@ -583,7 +583,7 @@ class _Consumer:
         # Taken out in one go, before any await, so no worker starts one of them.
         unstarted = [self.mailbox.get_nowait() for _ in range(self.mailbox.qsize())]
         for incoming in unstarted:
-            await settle(incoming.nack(requeue=True))
+            await reject(incoming, requeue=True)
 
     async def _work(self) -> None:
         while True:
@@ -591,21 +591,21 @@ class _Consumer:
             if self.stopping or is_stale(incoming):
                 # Stopping: hand it back.  Closed channel: the broker already requeued it,
                 # and handling it now would handle it twice.
-                await settle(incoming.nack(requeue=True))
+                await reject(incoming, requeue=True)
                 continue
             self.busy += 1
             self.idle.clear()
             try:
                 await self.behaviour.handle_delivery(incoming)
             except asyncio.CancelledError:
-                await settle(incoming.nack(requeue=True))
+                await reject(incoming, requeue=True)
                 raise
             except Exception:
                 # Dead-lettering or replying failed (broker trouble): let it come back.
                 logger.exception(
                     "%s: could not settle a message; requeueing it", self.behaviour.name
                 )
-                await settle(incoming.nack(requeue=True))
+                await reject(incoming, requeue=True)
             finally:
                 self.busy -= 1
                 if self.busy == 0:
@@ -628,7 +628,7 @@ class _Dispatch:
             message = from_amqp(incoming)
         except EnvelopeError as exc:
             await b.agent.dead_letters.send(incoming, f"malformed message: {exc}", b.queue_name)
-            await settle(incoming.ack())
+            await ack(incoming)
             return
         started = time.perf_counter()
         with logcontext.handling(message.message_id):
@@ -681,7 +681,7 @@ class _Dispatch:
                 logger.error(
                     "%s.%s: reply to %s lost: %s", b.name, route.name, message.reply_to, exc
                 )
-        await settle(incoming.ack())
+        await ack(incoming)
 
     async def _once(self, message: Message, route: Route, payload: Any) -> None:
         """Handle an event unless a delivery of it was handled already (``idempotent``)."""
@@ -697,7 +697,7 @@ class _Dispatch:
         if claim is Claim.DONE:
             self.outcome = "skipped (handled before)"
             logger.info("%s: %s was handled before; skipped", b.name, message.message_id)
-            await settle(self.incoming.ack())
+            await ack(self.incoming)
             return
         if claim is Claim.BUSY:
             self.outcome = "deferred (another delivery of it is being handled)"
@@ -706,7 +706,7 @@ class _Dispatch:
             await b.agent.retries.send(
                 self.incoming, b.queue_name, attempt=message.attempt, delay=b.retry_delay(1)
             )
-            await settle(self.incoming.ack())
+            await ack(self.incoming)
             return
         try:
             await route.handler(message, payload)
@@ -719,7 +719,7 @@ class _Dispatch:
             return
         # Done before acked: a crash in between skips the redelivery, as it should.
         await _settle_claim(handled.done(key))
-        await settle(self.incoming.ack())
+        await ack(self.incoming)
 
     async def _reject(self, message: Message, reason: str) -> None:
         """Dead-letter a message no retry can fix; tell a waiting requester why."""
@@ -730,7 +730,7 @@ class _Dispatch:
         if message.type is MessageType.REQUEST:
             await self._answer_error(message, {"error": reason, "type": "InvalidRequest"})
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
-        await settle(incoming.ack())
+        await ack(incoming)
 
     async def _answer_error(self, request: Message, body: dict[str, str]) -> None:
         """Tell the caller why its request failed; a lost answer is logged, not retried
@@ -751,7 +751,7 @@ class _Dispatch:
             # The type travels on its own: RemoteError shows "Type: detail" once.
             detail = str(exc) or type(exc).__name__
             await self._answer_error(message, {"error": detail, "type": type(exc).__name__})
-            await settle(incoming.ack())
+            await ack(incoming)
             return
         attempt = message.attempt
         if attempt < b.delivery_limit:
@@ -779,7 +779,7 @@ class _Dispatch:
                 await self._dead_letter(message, reason)
                 return
             self.outcome = f"failed ({type(exc).__name__}), retry {attempt + 1} in {delay:g}s"
-            await settle(incoming.ack())
+            await ack(incoming)
             return
         frames = traceback.extract_tb(exc.__traceback__)[-3:]
         where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in frames)
@@ -794,7 +794,7 @@ class _Dispatch:
         logger.error("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
         self.outcome = "dead-lettered (failed)"
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
-        await settle(incoming.ack())
+        await ack(incoming)
 
 
 async def _settle_claim(operation: Awaitable[None]) -> None:

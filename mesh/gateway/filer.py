@@ -12,7 +12,7 @@ from mesh.bindings import Binding
 from mesh.deadcounts import MESH_REASON, DeadLetterCounts, death_of, describe
 from mesh.envelope import H_QUEUE, H_REASON, forwarded
 from mesh.membership import REDIS_DOWN
-from mesh.transport import Unroutable, settle
+from mesh.transport import Unroutable, ack
 
 logger = logging.getLogger(__name__)
 
@@ -71,4 +71,4 @@ class DeadLetterFiler(Behaviour):
         except REDIS_DOWN as exc:
             # The dead letter itself is safe in the stream; only the count misses it.
             logger.warning("dead letter from %s filed but not counted (Redis: %s)", queue, exc)
-        await settle(incoming.ack())
+        await ack(incoming)
