@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import re
 import socket
 import sys
 import time
@@ -55,21 +54,6 @@ async def eventually(
                 f"not true within {timeout}s: {what or _describe(predicate)} ({detail})"
             )
         await asyncio.sleep(interval)
-
-
-async def delete_namespace(client: Any, namespace: str) -> int:
-    """UNLINK every Redis key under ``<namespace>:``; return how many went."""
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", namespace) + ":*"
-    deleted = 0
-    batch: list[Any] = []
-    async for key in client.scan_iter(match=pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            deleted += await client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += await client.unlink(*batch)
-    return deleted
 
 
 async def take(queue: asyncio.Queue[T], count: int, timeout: float = 15.0) -> list[T]:

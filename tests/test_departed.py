@@ -151,3 +151,30 @@ async def test_queues_lists_depth_drops_and_owners_and_forget_removes_the_depart
 
         api = ManagementAPI.for_settings(settings)
         assert queue not in {q.name for q in await api.queues(vhost_of(settings))}
+
+
+class Disposable(SubscriberBehaviour):
+    queue_type = "classic"
+
+    @on("scratch.#")
+    async def scratch(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg)
+
+
+async def test_a_behaviour_may_choose_a_classic_queue(settings: Settings) -> None:
+    """``queue_type = "classic"`` declares a classic queue (cheaper, not replicated) with the
+    same length limit; the default stays quorum; anything else is refused at class creation."""
+    agent = subscriber(settings, Disposable, Live, agent_id="mixed")
+    api = ManagementAPI.for_settings(settings)
+    async with running(agent):
+
+        async def types() -> dict[str, str]:
+            listed = {q.name: q.type for q in await api.queues(vhost_of(settings))}
+            assert topology.behaviour_queue("mixed", "disposable") in listed, listed
+            return listed
+
+        listed = await eventually(types)
+    assert listed[topology.behaviour_queue("mixed", "disposable")] == "classic"
+    assert listed[topology.behaviour_queue("mixed", "live")] == "quorum"
+    with pytest.raises(ValueError, match="queue_type 'stream'"):
+        type("Wrong", (SubscriberBehaviour,), {"queue_type": "stream"})

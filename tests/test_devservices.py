@@ -13,7 +13,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 import redis.asyncio as aioredis
-from helpers import delete_namespace, eventually, free_port
+from helpers import eventually, free_port
 
 from mesh.config import Settings
 from mesh.devservices import (
@@ -26,6 +26,7 @@ from mesh.devservices import (
     probe,
     with_vhost,
 )
+from mesh.testing import delete_namespace
 
 REPO = Path(__file__).resolve().parent.parent
 
