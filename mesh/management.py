@@ -13,6 +13,7 @@ import base64
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -162,6 +163,41 @@ class ManagementAPI:
     async def vhosts(self) -> list[str]:
         """The names of every vhost the API's user may see."""
         return [v["name"] for v in await self.call("GET", "vhosts?columns=name") or []]
+
+    async def put_user(self, name: str, password: str, tags: Sequence[str] = ()) -> None:
+        """Create user ``name`` (or replace its password and tags)."""
+        await self.call(
+            "PUT", f"users/{_part(name)}", {"password": password, "tags": ",".join(tags)}
+        )
+
+    async def delete_user(self, name: str) -> None:
+        """Delete user ``name`` and its permissions (a user that is gone already is fine)."""
+        try:
+            await self.call("DELETE", f"users/{_part(name)}")
+        except ManagementError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+
+    async def set_permissions(
+        self, vhost: str, user: str, configure: str, write: str, read: str
+    ) -> None:
+        """Set ``user``'s permissions on ``vhost``: regexes over exchange and queue names."""
+        await self.call(
+            "PUT",
+            f"permissions/{_part(vhost)}/{_part(user)}",
+            {"configure": configure, "write": write, "read": read},
+        )
+
+    async def set_topic_permissions(
+        self, vhost: str, user: str, exchange: str, write: str, read: str
+    ) -> None:
+        """Set ``user``'s topic permissions on one topic exchange: regexes over the routing
+        keys it may publish (``write``) and the binding keys it may bind (``read``)."""
+        await self.call(
+            "PUT",
+            f"topic-permissions/{_part(vhost)}/{_part(user)}",
+            {"exchange": exchange, "write": write, "read": read},
+        )
 
 
 def _part(value: str) -> str:
