@@ -1,0 +1,74 @@
+"""What is wrong with a policy, and where: problems located by path and, once known, line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+Path = tuple[str | int, ...]
+"""Where a value sits in the policy document: keys and list indexes from the top."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a policy: where (path, line once known) and why."""
+
+    path: Path
+    message: str
+    line: int | None = None
+
+    def where(self) -> str:
+        """The part of the policy ``path`` names, as a reader would say it."""
+        return describe(self.path)
+
+
+class PolicyError(ValueError):
+    """The policy is invalid; each problem is one line ``file:line: where: reason``."""
+
+    def __init__(self, problems: Iterable[Problem], source: str | None = None) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.path.__repr__()))
+        self.source = source
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        out = []
+        for problem in self.problems:
+            prefix = self.source or "policy"
+            if problem.line is not None:
+                prefix = f"{prefix}:{problem.line}"
+            where = problem.where()
+            out.append(
+                f"{prefix}: {where}: {problem.message}" if where else f"{prefix}: {problem.message}"
+            )
+        return out
+
+    def located(self, source: str, lines: Mapping[Path, int]) -> PolicyError:
+        """The same problems with the file name and the line of each path (or its nearest
+        enclosing value that has one)."""
+        return PolicyError((replace(p, line=line_of(p.path, lines)) for p in self.problems), source)
+
+
+def line_of(path: Path, lines: Mapping[Path, int]) -> int | None:
+    """The line of ``path``, else of its longest prefix the file has a line for."""
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
+def describe(path: Path) -> str:
+    """``("rule_sets", "telemetry", "rules", 2, "allow")`` → ``telemetry rule 3``."""
+    if len(path) >= 2 and path[0] == "principals":
+        return f"principal {path[1]!r}"
+    if len(path) >= 2 and path[0] == "roles":
+        return f"role {path[1]!r}"
+    if (
+        len(path) >= 4
+        and path[0] == "rule_sets"
+        and path[2] == "rules"
+        and isinstance(path[3], int)
+    ):
+        return f"{path[1]} rule {path[3] + 1}"
+    if len(path) >= 2 and path[0] == "rule_sets":
+        return f"rule set {path[1]!r}"
+    return ""

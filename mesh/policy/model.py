@@ -1,0 +1,224 @@
+"""The policy file as pydantic models: principals, roles, rule sets and their rules.
+
+These check each value on its own (names, kinds, actions, patterns, globs); what refers to
+what (rules to principals and roles, overlapping agent globs) is checked when the policy is
+compiled (``mesh.policy.policy``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    field_validator,
+    model_validator,
+)
+
+from mesh.policy.globs import check_glob
+from mesh.policy.topics import check_rule_pattern
+from mesh.topology import TopicError, check_name
+
+Action = Literal["publish", "subscribe", "request", "reply", "control"]
+ACTIONS: tuple[Action, ...] = get_args(Action)
+Kind = Literal["agent", "gateway", "bridge", "operator", "user"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+Mode = Literal["enforce", "audit"]
+MODES: tuple[Mode, ...] = get_args(Mode)
+Effect = Literal["allow", "deny"]
+
+EVERYONE = "*"
+"""In a rule's ``who``: every principal the policy declares."""
+
+
+class UnknownKey(ValueError):
+    """A mapping holds a key its model does not know; ``key`` locates it in the file."""
+
+    def __init__(self, key: str, expected: list[str]) -> None:
+        super().__init__(f"unknown key {key!r} (expected {', '.join(expected)})")
+        self.key = key
+
+
+def _one_of(kind: str, value: object, choices: tuple[str, ...]) -> object:
+    # Before pydantic's own check, whose message would not name the value.
+    if value is not None and value not in choices:
+        raise ValueError(f"unknown {kind} {value!r} (expected {', '.join(choices)})")
+    return value
+
+
+def _name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"name {value!r} must be text")
+    try:
+        return check_name("name", value)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _listed(value: object) -> object:
+    # One item may be written without brackets: ``who: operators``.
+    return [value] if isinstance(value, str) else value
+
+
+Names = Annotated[list[str], BeforeValidator(_listed)]
+PolicyName = Annotated[str, BeforeValidator(_name)]
+# Checked one by one, so that each bad item is reported at its own line.
+Globs = Annotated[list[Annotated[str, AfterValidator(check_glob)]], BeforeValidator(_listed)]
+Patterns = Annotated[
+    list[Annotated[str, AfterValidator(check_rule_pattern)]], BeforeValidator(_listed)
+]
+
+
+class Spec(BaseModel):
+    """A mapping in the file: unknown keys are errors, naming the keys it takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise UnknownKey(str(key), list(cls.model_fields))
+        return data
+
+
+class PrincipalSpec(Spec):
+    """Who acts: agents (by id or glob), the gateway, the bridge, operators, token users."""
+
+    kind: Kind
+    agents: Globs | None = None
+    """Agent ids or globs this principal connects as; by default its own name.  Users
+    (token principals) have none: they act through a delegating principal."""
+    delegates: bool | None = None
+    """May act on behalf of token principals; by default only the bridge does."""
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, value: object) -> object:
+        return _one_of("kind", value, KINDS)
+
+    @model_validator(mode="after")
+    def _user(self) -> PrincipalSpec:
+        if self.kind == "user" and self.agents is not None:
+            raise ValueError("a user acts through the bridge with a token: it has no agent ids")
+        if self.kind == "user" and self.delegates:
+            raise ValueError("a user cannot act on behalf of others (delegates: true)")
+        return self
+
+
+class RequestSpec(Spec):
+    """The agents (glob, ``{self}``) and operations (glob) a request rule is about."""
+
+    agent: str = "*"
+    operation: str = "*"
+
+    @field_validator("agent", "operation")
+    @classmethod
+    def _glob(cls, value: str) -> str:
+        return check_glob(value, self_allowed=True)
+
+
+class ControlSpec(Spec):
+    """The agents (glob, ``{self}``; ``_all`` is every agent) and commands (glob) a control
+    rule is about."""
+
+    agent: str = "*"
+    command: str = "*"
+
+    @field_validator("agent", "command")
+    @classmethod
+    def _glob(cls, value: str) -> str:
+        return check_glob(value, self_allowed=True)
+
+
+class ReplySpec(Spec):
+    """The agents (glob, ``{self}``) a reply rule lets one answer."""
+
+    agent: str = "*"
+
+    @field_validator("agent")
+    @classmethod
+    def _glob(cls, value: str) -> str:
+        return check_glob(value, self_allowed=True)
+
+
+class RuleSpec(Spec):
+    """``allow`` or ``deny`` one action to some principals, on some topics or targets."""
+
+    TARGETS: ClassVar[dict[str, str]] = {
+        "publish": "topics",
+        "subscribe": "topics",
+        "request": "request",
+        "reply": "reply",
+        "control": "control",
+    }
+
+    allow: Action | None = None
+    deny: Action | None = None
+    who: Names
+    """Principal and role names, or ``*`` for every principal."""
+    topics: Patterns | None = None
+    request: RequestSpec | None = None
+    reply: ReplySpec | None = None
+    control: ControlSpec | None = None
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _action(cls, value: object) -> object:
+        return _one_of("action", value, ACTIONS)
+
+    @model_validator(mode="after")
+    def _target(self) -> RuleSpec:
+        if (self.allow is None) == (self.deny is None):
+            raise ValueError("a rule says either allow: ACTION or deny: ACTION")
+        target = self.TARGETS[self.action]
+        if target == "topics" and not self.topics:
+            raise ValueError(f"a {self.action} rule needs topics: [patterns]")
+        if target == "request" and self.request is None:
+            raise ValueError("a request rule needs request: {agent: GLOB, operation: GLOB}")
+        if target == "control" and self.control is None:
+            raise ValueError("a control rule needs control: {agent: GLOB, command: GLOB}")
+        if target == "reply" and self.reply is None:
+            raise ValueError("a reply rule needs reply: {agent: GLOB}")
+        for other in ("topics", "request", "reply", "control"):
+            if other != target and getattr(self, other) is not None:
+                raise ValueError(
+                    f"a {self.action} rule names its target with {target}:, not {other}:"
+                )
+        return self
+
+    @property
+    def effect(self) -> Effect:
+        return "allow" if self.allow is not None else "deny"
+
+    @property
+    def action(self) -> Action:
+        action = self.allow or self.deny
+        assert action is not None  # one of them, checked above
+        return action
+
+
+class RuleSetSpec(Spec):
+    """Rules rolled out together: ``enforce``d, or in ``audit`` (logged, never blocking)."""
+
+    mode: Mode = "enforce"
+    rules: list[RuleSpec]
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, value: object) -> object:
+        return _one_of("mode", value, MODES)
+
+
+class PolicyFile(Spec):
+    """The whole file."""
+
+    principals: dict[PolicyName, PrincipalSpec]
+    roles: dict[PolicyName, Names] = {}
+    """Role name → the principals that hold it."""
+    rule_sets: dict[PolicyName, RuleSetSpec] = {}
