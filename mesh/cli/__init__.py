@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mesh.cli import agents, control, publish, queues, run, tail
+from mesh.cli import agents, control, policy, publish, queues, run, tail, token
 from mesh.cli.common import example
 
 
@@ -41,3 +41,7 @@ main.add_command(agents.agents)
 # The mesh's queues: mesh/cli/queues.py
 main.add_command(queues.queues)
 main.add_command(queues.forget)
+
+# The policy file and its users' tokens: mesh/cli/policy.py, mesh/cli/token.py
+main.add_command(policy.policy)
+main.add_command(token.token)
