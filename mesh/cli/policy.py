@@ -125,20 +125,25 @@ def explain(
     key = _target(action, target, operation)
     principal = compiled.principal_for_agent(who)
     user = compiled.principal(who)
+    if principal is None and (user is None or user.kind != "user"):
+        raise click.BadParameter(
+            f"{who!r} is neither an agent id a principal of the policy matches nor a user",
+            param_hint="--as",
+        )
+    if principal is None and on_behalf_of is not None:
+        raise click.BadParameter(
+            "a user acts on behalf of nobody: --as names the agent acting for the user",
+            param_hint="--on-behalf-of",
+        )
     try:
         if principal is not None:
             decision = compiled.decide(who, action, key, on_behalf_of=on_behalf_of)
-        elif user is not None and user.kind == "user" and on_behalf_of is None:
-            decision = compiled.decide_for(who, action, key)
         else:
-            raise click.BadParameter(
-                f"{who!r} is neither an agent id a principal of the policy matches nor a user",
-                param_hint="--as",
-            )
+            decision = compiled.decide_for(who, action, key)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="TARGET") from None
     click.echo(decision.reason)
-    click.echo(f"  {_context(compiled, who, decision)}")
+    click.echo(f"  {_context(compiled, who, on_behalf_of, decision)}")
     raise SystemExit(0 if decision.allowed else 1)
 
 
@@ -161,14 +166,12 @@ def _target(action: Action, target: str, operation: str | None) -> str:
     return build(target, operation)
 
 
-def _context(compiled: Policy, who: str, decision: Decision) -> str:
-    principal = compiled.principal(decision.principal or "")
-    if principal is None:
-        acting = f"{who} is no principal"
-    elif principal.name == who:
-        acting = f"principal {who} ({principal.kind})"
-    else:
-        acting = f"{who} acts as principal {principal.name} ({principal.kind})"
+def _context(compiled: Policy, who: str, on_behalf_of: str | None, decision: Decision) -> str:
+    principal = compiled.principal_for_agent(who) or compiled.principal(who)
+    assert principal is not None  # --as was resolved before deciding
+    acting = f"{who} is principal {principal.name} ({principal.kind})"
+    if on_behalf_of is not None:
+        acting += f", acting for {on_behalf_of}"
     if decision.rule is not None and decision.rule.line is not None:
         return f"{acting}; rule at {compiled.source}:{decision.rule.line}"
     return acting

@@ -44,11 +44,11 @@ def covers(rule: str, binding: str) -> bool:
     """Whether every topic ``binding`` matches, the pattern ``rule`` matches too.
 
     Word by word, a literal is covered by itself, ``*`` or ``#``; ``*`` by ``*`` or ``#``;
-    ``#`` only by ``#``.  Aligning words alone misses cases such as ``*.#`` covering
-    ``#.*`` (both: one word or more), so both patterns run as automata side by side over
-    every word either names plus one neither does, looking for a topic ``binding`` accepts
-    and ``rule`` does not: that is exact, since a rule treats all words it does not name
-    alike.
+    ``#`` only by ``#``, but aligning words alone misses cases such as ``*.#`` covering
+    ``#.*`` (both: one word or more).  So both patterns run as automata side by side, over
+    every word either names plus one neither does, looking for a topic of one word or more
+    that ``binding`` matches and ``rule`` does not.  That is exact: a pattern treats all
+    the words it does not name alike.
     """
     if rule in ("#", binding):
         return True
@@ -58,15 +58,17 @@ def covers(rule: str, binding: str) -> bool:
     seen, todo = {start}, [start]
     while todo:
         in_binding, in_rule = todo.pop()
-        if len(b) in in_binding and len(r) not in in_rule:
-            return False
         for word in words:
             after_binding = _step(b, in_binding, word)
-            if after_binding:
-                pair = (after_binding, _step(r, in_rule, word))
-                if pair not in seen:
-                    seen.add(pair)
-                    todo.append(pair)
+            if not after_binding:
+                continue
+            after_rule = _step(r, in_rule, word)
+            # Checked after a word: there is no topic of no words.
+            if len(b) in after_binding and len(r) not in after_rule:
+                return False
+            if (after_binding, after_rule) not in seen:
+                seen.add((after_binding, after_rule))
+                todo.append((after_binding, after_rule))
     return True
 
 
