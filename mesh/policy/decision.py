@@ -80,7 +80,7 @@ _PREFIXES: dict[Action, tuple[str, ...]] = {
 def parse_target(action: Action, target: str) -> Target:
     """Read ``target`` for ``action``: a topic (publish), a binding pattern (subscribe), or
     the routing key ``_req.<agent>.<operation>``, ``_reply.<agent>.<instance>`` (also
-    ``_err.…``; the instance may be left out) or ``_ctl.<agent>.<command>``.
+    ``_err.…``) or ``_ctl.<agent>.<command>``.
 
     Raises ``ValueError`` naming what does not fit.
     """
@@ -94,8 +94,7 @@ def parse_target(action: Action, target: str) -> Target:
     words = target.split(".")
     prefixes = _PREFIXES[action]
     shapes = " or ".join(f"{p}.<agent>.<{_SECOND[action]}>" for p in prefixes)
-    fits = words[0] in prefixes and (len(words) == 3 or (action == "reply" and len(words) == 2))
-    if not fits:
+    if words[0] not in prefixes or len(words) != 3:
         raise ValueError(f"a {action} target is {shapes}, not {target!r}")
     agent = words[1]
     try:
@@ -105,7 +104,7 @@ def parse_target(action: Action, target: str) -> Target:
             check_name(_SECOND[action], word)
     except TopicError as exc:
         raise ValueError(f"{target!r}: {exc}") from None
-    return Target(action, agent=agent, operation=words[2] if action != "reply" else "")
+    return Target(action, agent=agent, operation=words[2])
 
 
 _SECOND: dict[Action, str] = {"request": "operation", "reply": "instance", "control": "command"}
