@@ -430,6 +430,7 @@ def test_check_notes_audit_rules_that_cannot_act_as_audited() -> None:
 def test_a_principal_no_rule_names_is_noted() -> None:
     notes = parse_policy(
         "principals:\n  lonely: {kind: agent}\n  gateway: {kind: gateway}\n"
+        "  bridge: {kind: bridge}\n"
     ).notes()
     assert notes == ["principal 'lonely': no rule names it or its roles: it may do nothing"]
 

@@ -161,7 +161,9 @@ class Policy:
         mentioned = {who for rule in self.rules for who in rule.who}
         for principal in self._principals.values():
             named = {principal.name, *principal.roles, EVERYONE}
-            if principal.kind != "gateway" and not named & mentioned:
+            # The gateway relays by its kind; a delegating principal acts for users.
+            useful_alone = principal.kind == "gateway" or principal.delegates
+            if not useful_alone and not named & mentioned:
                 out.append(
                     f"principal {principal.name!r}: no rule names it or its roles: "
                     "it may do nothing"
