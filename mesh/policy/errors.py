@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-Path = tuple[str | int, ...]
+Location = tuple[str | int, ...]
 """Where a value sits in the policy document: keys and list indexes from the top."""
 
 
@@ -13,7 +13,7 @@ Path = tuple[str | int, ...]
 class Problem:
     """One thing wrong with a policy: where (path, line once known) and why."""
 
-    path: Path
+    path: Location
     message: str
     line: int | None = None
 
@@ -26,29 +26,28 @@ class PolicyError(ValueError):
     """The policy is invalid; each problem is one line ``file:line: where: reason``."""
 
     def __init__(self, problems: Iterable[Problem], source: str | None = None) -> None:
-        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.path.__repr__()))
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, repr(p.path)))
         self.source = source
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
         out = []
         for problem in self.problems:
-            prefix = self.source or "policy"
+            parts = [self.source or "policy"]
             if problem.line is not None:
-                prefix = f"{prefix}:{problem.line}"
-            where = problem.where()
-            out.append(
-                f"{prefix}: {where}: {problem.message}" if where else f"{prefix}: {problem.message}"
-            )
+                parts[0] += f":{problem.line}"
+            if problem.where():
+                parts.append(problem.where())
+            out.append(": ".join([*parts, problem.message]))
         return out
 
-    def located(self, source: str, lines: Mapping[Path, int]) -> PolicyError:
+    def located(self, source: str, lines: Mapping[Location, int]) -> PolicyError:
         """The same problems with the file name and the line of each path (or its nearest
         enclosing value that has one)."""
         return PolicyError((replace(p, line=line_of(p.path, lines)) for p in self.problems), source)
 
 
-def line_of(path: Path, lines: Mapping[Path, int]) -> int | None:
+def line_of(path: Location, lines: Mapping[Location, int]) -> int | None:
     """The line of ``path``, else of its longest prefix the file has a line for."""
     for end in range(len(path), -1, -1):
         if path[:end] in lines:
@@ -56,7 +55,7 @@ def line_of(path: Path, lines: Mapping[Path, int]) -> int | None:
     return None
 
 
-def describe(path: Path) -> str:
+def describe(path: Location) -> str:
     """``("rule_sets", "telemetry", "rules", 2, "allow")`` → ``telemetry rule 3``."""
     if len(path) >= 2 and path[0] == "principals":
         return f"principal {path[1]!r}"

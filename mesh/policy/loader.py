@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path as FilePath
+from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from mesh.policy.errors import Path, PolicyError, Problem
+from mesh.policy.errors import Location, PolicyError, Problem
 from mesh.policy.model import PolicyFile, UnknownKey
 from mesh.policy.policy import Policy
 
@@ -24,17 +24,17 @@ _TYPES = {
 }
 
 
-def load_policy(path: str | FilePath) -> Policy:
+def load_policy(path: str | Path) -> Policy:
     """Read, check and compile the policy file at ``path``.
 
     Raises ``PolicyError`` listing every problem as ``file:line: where: reason``, and
     ``OSError`` when the file cannot be read.
     """
-    path = FilePath(path)
+    path = Path(path)
     return parse_policy(path.read_text(encoding="utf-8"), str(path), file=path)
 
 
-def parse_policy(text: str, source: str = "policy.yaml", *, file: FilePath | None = None) -> Policy:
+def parse_policy(text: str, source: str = "policy.yaml", *, file: Path | None = None) -> Policy:
     """Check and compile a policy given as YAML text; ``source`` names it in errors."""
     data, lines = _read_yaml(text, source)
     try:
@@ -48,7 +48,7 @@ def parse_policy(text: str, source: str = "policy.yaml", *, file: FilePath | Non
         raise exc.located(source, lines) from None
 
 
-def _read_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
+def _read_yaml(text: str, source: str) -> tuple[Any, dict[Location, int]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -70,11 +70,11 @@ class _Reader:
     repeated and non-text keys (plain YAML keeps the last of two equal keys, silently)."""
 
     def __init__(self) -> None:
-        self.lines: dict[Path, int] = {}
+        self.lines: dict[Location, int] = {}
         self.problems: list[Problem] = []
         self._scalars = yaml.SafeLoader("")
 
-    def read(self, node: yaml.Node, path: Path) -> Any:
+    def read(self, node: yaml.Node, path: Location) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             self._scalars.flatten_mapping(node)  # '<<' merge keys
@@ -105,7 +105,7 @@ class _Reader:
 
 
 def _problem(error: ErrorDetails) -> Problem:
-    path: Path = tuple(part for part in error["loc"] if part != "[key]")
+    path: Location = tuple(part for part in error["loc"] if part != "[key]")
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, UnknownKey):
         return Problem((*path, cause.key), str(cause))

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path as FilePath
+from pathlib import Path
 
 from mesh.policy import globs
 from mesh.policy.decision import CompiledRule, Decision, RuleRef, parse_target
-from mesh.policy.errors import Path, PolicyError, Problem
+from mesh.policy.errors import Location, PolicyError, Problem
 from mesh.policy.model import ACTIONS, EVERYONE, Action, Kind, Mode, PolicyFile, RuleSpec
 from mesh.policy.topics import expand
 
@@ -38,9 +38,9 @@ class Principal:
 class _Rules:
     """The rules about one principal and action, in the order a decision reads them."""
 
-    deny: tuple[CompiledRule, ...] = ()
-    allow: tuple[CompiledRule, ...] = ()
-    audit_deny: tuple[CompiledRule, ...] = ()
+    deny: tuple[CompiledRule, ...]
+    allow: tuple[CompiledRule, ...]
+    audit_deny: tuple[CompiledRule, ...]
 
 
 class Policy:
@@ -56,8 +56,8 @@ class Policy:
         self,
         spec: PolicyFile,
         *,
-        source: FilePath | None = None,
-        lines: Mapping[Path, int] | None = None,
+        source: Path | None = None,
+        lines: Mapping[Location, int] | None = None,
     ) -> None:
         self.spec = spec
         self.source = source
@@ -218,7 +218,7 @@ class Policy:
 
     # Compiling
 
-    def _problem(self, path: Path, message: str) -> None:
+    def _problem(self, path: Location, message: str) -> None:
         self._problems.append(Problem(path, message))
 
     def _compile_principals(self) -> dict[str, Principal]:
@@ -248,10 +248,10 @@ class Policy:
         }
 
     def _index_agents(self) -> None:
-        where: dict[str, tuple[Path, Principal]] = {}
+        where: dict[str, tuple[Location, Principal]] = {}
         for principal in self._principals.values():
             for i, agent in enumerate(principal.agents):
-                path: Path = ("principals", principal.name, "agents", i)
+                path: Location = ("principals", principal.name, "agents", i)
                 if agent in where and where[agent][1] is not principal:
                     self._problem(
                         path,
@@ -278,7 +278,7 @@ class Policy:
         compiled = []
         for set_name, rule_set in self.spec.rule_sets.items():
             for index, rule in enumerate(rule_set.rules, 1):
-                path: Path = ("rule_sets", set_name, "rules", index - 1)
+                path: Location = ("rule_sets", set_name, "rules", index - 1)
                 for i, who in enumerate(rule.who):
                     if who not in known:
                         self._problem((*path, "who", i), self._unknown("principal or role", who))
@@ -317,7 +317,7 @@ class Policy:
             f"; roles: {roles})" if what != "principal" and roles else ")"
         )
 
-    def _at(self, path: Path) -> str:
+    def _at(self, path: Location) -> str:
         line = self._lines.get(path)
         return f" (line {line})" if line is not None else ""
 
