@@ -271,6 +271,41 @@ def test_the_example_policy_is_valid_and_allows_what_the_demo_does() -> None:
             "", "policy.yaml:1: empty policy (expected principals, roles, rule_sets)", id="empty"
         ),
         pytest.param(
+            "principals:\n  a: {kind: agent}\nrule_sets:\n  t:\n    rules:\n"
+            "      - allow: request\n        who: a\n        request: {agent: 5}\n",
+            "policy.yaml:8: t rule 1: request.agent: expected text, got 5",
+            id="wrong type deep in a rule",
+        ),
+        pytest.param(
+            "principals:\n  a: {kind: agent}\nrule_sets:\n  t:\n    rules:\n"
+            "      - allow publish\n",
+            "policy.yaml:6: t rule 1: expected a mapping, got 'allow publish'",
+            id="rule not a mapping",
+        ),
+        pytest.param(
+            "principals:\n  a: {kind: agent}\nrule_sets:\n  t:\n    rules:\n"
+            "      - allow: publish\n        who: []\n        topics: x\n",
+            "policy.yaml:6: t rule 1: who: names nobody "
+            "(principal and role names, or '*' for everyone)",
+            id="rule for nobody",
+        ),
+        pytest.param(
+            "principals:\n  a: {kind: agent}\n  7: {kind: agent}\n",
+            "policy.yaml:3: key 7 must be text: quote it ('7')",
+            id="key not text",
+        ),
+        pytest.param(
+            "principals:\n  a: \x07\n",
+            "policy.yaml:2: not valid YAML: character U+0007 is not allowed "
+            "(special characters are not allowed)",
+            id="control character",
+        ),
+        pytest.param(
+            "principals: &a\n  x: *a\n",
+            "policy.yaml:1: principal 'x': nested too deep (an alias inside itself?)",
+            id="recursive alias",
+        ),
+        pytest.param(
             "- a\n",
             "policy.yaml:1: a policy is a mapping of principals, roles, rule_sets, not ['a']",
             id="not a mapping",
@@ -301,6 +336,13 @@ def test_every_problem_is_reported_in_line_order() -> None:
         "rule_sets:\n  t:\n    mode: loud\n    rules: []\n"
     )
     assert [line.split(":")[1] for line in problems(several)] == ["2", "5", "8"]
+
+
+def test_a_policy_not_in_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_bytes(b"principals: {\xff: 1}\n")
+    with pytest.raises(PolicyError, match=r"policy.yaml: not UTF-8 text: invalid start byte"):
+        load_policy(path)
 
 
 def test_load_policy_names_the_file(tmp_path: Path) -> None:

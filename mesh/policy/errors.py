@@ -57,17 +57,25 @@ def line_of(path: Location, lines: Mapping[Location, int]) -> int | None:
 
 def describe(path: Location) -> str:
     """``("rule_sets", "telemetry", "rules", 2, "allow")`` → ``telemetry rule 3``."""
-    if len(path) >= 2 and path[0] == "principals":
-        return f"principal {path[1]!r}"
-    if len(path) >= 2 and path[0] == "roles":
-        return f"role {path[1]!r}"
-    if (
-        len(path) >= 4
-        and path[0] == "rule_sets"
-        and path[2] == "rules"
-        and isinstance(path[3], int)
-    ):
+    depth = _depth(path)
+    if depth == 4:
+        assert isinstance(path[3], int)
         return f"{path[1]} rule {path[3] + 1}"
-    if len(path) >= 2 and path[0] == "rule_sets":
-        return f"rule set {path[1]!r}"
+    if depth == 2:
+        what = {"principals": "principal", "roles": "role", "rule_sets": "rule set"}[str(path[0])]
+        return f"{what} {path[1]!r}"
     return ""
+
+
+def field(path: Location) -> str:
+    """The key ``path`` names inside what ``describe`` names: ``agents``, ``request.agent``."""
+    return ".".join(part for part in path[_depth(path) :] if isinstance(part, str))
+
+
+def _depth(path: Location) -> int:
+    # How much of the path describe() names: a rule, a principal, role or rule set, or nothing.
+    if len(path) >= 4 and path[0] == "rule_sets" and path[2] == "rules":
+        return 4
+    if len(path) >= 2 and path[0] in ("principals", "roles", "rule_sets"):
+        return 2
+    return 0

@@ -9,10 +9,12 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from mesh.policy.errors import Location, PolicyError, Problem
+from mesh.policy.errors import Location, PolicyError, Problem, field
 from mesh.policy.model import PolicyFile, UnknownKey
 from mesh.policy.policy import Policy
 
+_MAX_DEPTH = 32
+"""Far deeper than any policy goes."""
 _TOP_KEYS = ", ".join(PolicyFile.model_fields)
 _TYPES = {
     "string_type": "text",
@@ -31,7 +33,11 @@ def load_policy(path: str | Path) -> Policy:
     ``OSError`` when the file cannot be read.
     """
     path = Path(path)
-    return parse_policy(path.read_text(encoding="utf-8"), str(path), file=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError([Problem((), f"not UTF-8 text: {exc.reason}")], str(path)) from None
+    return parse_policy(text, str(path), file=path)
 
 
 def parse_policy(text: str, source: str = "policy.yaml", *, file: Path | None = None) -> Policy:
@@ -56,6 +62,12 @@ def _read_yaml(text: str, source: str) -> tuple[Any, dict[Location, int]]:
         line = mark.line + 1 if mark is not None else None
         reason = exc.problem or exc.context or "not valid YAML"
         raise PolicyError([Problem((), f"not valid YAML: {reason}", line)], source) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        char = exc.character
+        shown = f"U+{char:04X}" if isinstance(char, int) else repr(char)
+        reason = f"character {shown} is not allowed ({exc.reason})"
+        raise PolicyError([Problem((), f"not valid YAML: {reason}", line)], source) from None
     if node is None:
         raise PolicyError([Problem((), f"empty policy (expected {_TOP_KEYS})", 1)], source)
     reader = _Reader()
@@ -76,6 +88,10 @@ class _Reader:
 
     def read(self, node: yaml.Node, path: Location) -> Any:
         self.lines.setdefault(path, node.start_mark.line + 1)
+        if len(path) > _MAX_DEPTH:  # an alias inside itself (&a [*a]) never ends
+            line = node.start_mark.line + 1
+            self.problems.append(Problem(path, "nested too deep (an alias inside itself?)", line))
+            return None
         if isinstance(node, yaml.MappingNode):
             self._scalars.flatten_mapping(node)  # '<<' merge keys
             out: dict[str, Any] = {}
@@ -111,11 +127,12 @@ def _problem(error: ErrorDetails) -> Problem:
         return Problem((*path, cause.key), str(cause))
     if error["type"] == "value_error" and cause is not None:
         return Problem(path, str(cause))
-    field = ".".join(str(p) for p in path[-1:]) if path else ""
     if error["type"] == "missing":
-        return Problem(path[:-1], f"missing key {field!r}")
+        return Problem(path[:-1], f"missing key {path[-1]!r}")
     if error["type"] in _TYPES and not path:
         return Problem(path, f"a policy is a mapping of {_TOP_KEYS}, not {error['input']!r}")
+    prefix = f"{field(path)}: " if field(path) else ""
     if error["type"] in _TYPES:
-        return Problem(path, f"{field}: expected {_TYPES[error['type']]}, got {error['input']!r}")
-    return Problem(path, f"{field}: {error['msg']}" if field else error["msg"])
+        expected = _TYPES[error["type"]]
+        return Problem(path, f"{prefix}expected {expected}, got {error['input']!r}")
+    return Problem(path, prefix + error["msg"])

@@ -176,6 +176,8 @@ class RuleSpec(Spec):
     def _target(self) -> RuleSpec:
         if (self.allow is None) == (self.deny is None):
             raise ValueError("a rule says either allow: ACTION or deny: ACTION")
+        if not self.who:
+            raise ValueError("who: names nobody (principal and role names, or '*' for everyone)")
         target = self.TARGETS[self.action]
         if target == "topics" and not self.topics:
             raise ValueError(f"a {self.action} rule needs topics: [patterns]")
