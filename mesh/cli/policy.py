@@ -97,7 +97,7 @@ def check(policy_file: str) -> None:
 @click.option(
     "--on-behalf-of", default=None, help="A user the agent --as acts for (the bridge does)."
 )
-@click.argument("action", type=click.Choice(ACTIONS))
+@click.argument("action", type=click.Choice(ACTIONS), metavar="ACTION")
 @click.argument("target")
 @click.option(
     "--operation",
@@ -117,8 +117,9 @@ def explain(
 ) -> None:
     """May --as do ACTION on TARGET by POLICY_FILE?  Names the rule that decided.
 
-    TARGET is a topic (publish), a binding pattern (subscribe), or an agent id (request
-    and control, with --operation; reply).  Exit status: 0 allowed (audit-mode rules never
+    ACTION is publish, subscribe, request, reply or control.  TARGET is a topic (publish),
+    a binding pattern (subscribe), or an agent id (request and control, with --operation;
+    reply).  Exit status: 0 allowed (audit-mode rules never
     deny), 1 denied, 2 the question or the policy is wrong.
     """
     compiled = load_policy_or_exit(policy_file, USAGE_ERROR)
