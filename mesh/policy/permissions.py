@@ -1,0 +1,316 @@
+"""Broker permissions: what a user may do, compiled into the checks RabbitMQ makes itself.
+
+The gateway decides what each message may do; the broker decides what each connection may
+touch at all, so a process that skips the gateway (its own code, or someone holding its
+credentials) gets no further than its policy.  RabbitMQ 3.10 checks, per user (tried on the
+broker in ``tests/test_permissions.py``):
+
+- on the vhost, three regexes over names, one set of names for exchanges and queues alike:
+  ``configure`` to declare or delete; ``write`` to publish to an exchange, to bind a queue
+  (the destination) and to name an exchange as a queue's dead-letter or an exchange's
+  alternate exchange; ``read`` to consume, get or purge a queue, to bind to an exchange (the
+  source), and on a queue declared with a dead-letter exchange or an exchange declared with
+  an alternate one.  Passive declares need nothing;
+- per topic exchange, two regexes over keys: ``write`` over the routing keys published to
+  it, ``read`` over the binding keys bound to it (a queue or an exchange, bind and unbind).
+  An exchange with no topic permissions for the user admits every key, so each topic
+  exchange a user can reach here gets them.
+
+RabbitMQ searches a regex anywhere in the name or key (Erlang's ``re``, unanchored), so each
+one here is anchored.  They keep to syntax PCRE and Python's ``re`` read alike, and topic
+permissions hold no ``{`` (RabbitMQ expands ``{username}`` and ``{vhost}`` there).  ``$``
+also matches before a final newline, so an admitted name or key may end in one more: no name
+the mesh declares and no topic the gateway relays does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mesh import topology
+
+NOTHING = "^(?!)$"
+"""Admits no name or key.  Not ``""``: RabbitMQ reads that as ``^$``, the empty key."""
+ANY = ".*"
+
+_WORD = "[A-Za-z0-9_-]+"
+"""A word of a topic, binding key or name (``topology.check_binding``)."""
+_USER_TOPIC = rf"[A-Za-z0-9-][A-Za-z0-9_-]*(?:\.{_WORD})*"
+"""A topic a user may publish (``topology.check_topic``): no ``_`` first."""
+_MESH_KEY = rf"_(?:req|reply|err|ctl)\.{_WORD}\.{_WORD}|_registry\.{_WORD}"
+"""The mesh's own routing keys (``topology.request_key`` and the others)."""
+_AGENT_SENDS = rf"_(?:req|reply|ctl)\.{_WORD}\.{_WORD}|_registry\.{_WORD}"
+"""What an agent sends on the internal lane: requests, replies (an error reply too, as
+``_reply``), control commands, registry events; ``_err`` notices are the gateway's."""
+_CLIENT = rf"client-{_WORD}"
+"""The id of a ``mesh`` command's ``Client`` (``client-<random>``)."""
+_TAIL_QUEUE = "amq_[0-9a-f]+"
+"""``mesh tail``'s exclusive queue, named by aio-pika."""
+
+_MAYBE_SEP = r"(?:^|\.)"
+"""Before a word that may be a key's first or come after a dot (after a ``#`` that may
+match no word); ``covering_regex`` keeps a key from starting with a dot."""
+_NOT_HASH = rf"(?:{_WORD}|\*)"
+_ANY_WORD = rf"(?:{_WORD}|\*|#)"
+
+
+@dataclass(frozen=True)
+class TopicPermission:
+    """What a user may publish (``write``: routing keys) and bind (``read``: binding keys)
+    on one topic exchange."""
+
+    exchange: str
+    write: str = NOTHING
+    read: str = NOTHING
+
+
+@dataclass(frozen=True)
+class UserPermissions:
+    """A broker user's permissions on the mesh's vhost, as RabbitMQ takes them."""
+
+    configure: str
+    write: str
+    read: str
+    topics: tuple[TopicPermission, ...]
+    tags: tuple[str, ...] = ()
+    """User tags: ``management`` lets a user list its vhost's queues over the HTTP API."""
+
+
+def covering_regex(patterns: Sequence[str]) -> str:
+    """An anchored regex admitting exactly the binding keys some pattern of ``patterns`` covers.
+
+    A pattern covers a binding key when every topic the key matches, the pattern matches too:
+    ``vehicle.#`` covers ``vehicle.*.speed`` and ``vehicle.#`` itself, ``vehicle.*.speed``
+    covers neither ``vehicle.#`` nor ``#``.  Only keys of mesh words, ``*`` and ``#`` are
+    admitted; ``NOTHING`` when there are no patterns.
+    """
+    checked = sorted({topology.check_binding(p) for p in patterns})
+    if not checked:
+        return NOTHING
+    body = "|".join(_covering(p) for p in checked)
+    # A leading dot (an empty first word) must not pass for the start _MAYBE_SEP allows.
+    return f"^(?!\\.)(?:{body})$" if _MAYBE_SEP in body else f"^(?:{body})$"
+
+
+def _covering(pattern: str) -> str:
+    # Wildcards next to each other match the same topics in any order (`#.*` and `*.#`: one
+    # word or more), so a run of them is judged by its count of `*` and whether it holds a `#`.
+    # Without `#` it covers that many key words, none `#` (a `#` can be longer or shorter);
+    # with one, any key words among which at least that many are not `#`.  Repeated, not
+    # `{n}`: see the module docstring.
+    parts: list[str] = []
+    sep = ""  # before the next key word: nothing at the start, a dot once one surely matched
+    stars, hashed = 0, False
+    for word in [*pattern.split("."), None]:  # None: the end, after the last run
+        if word == "*":
+            stars += 1
+            continue
+        if word == "#":
+            hashed = True
+            continue
+        if hashed:
+            run = sep or _MAYBE_SEP
+            parts.append(f"(?:(?:{run}#)*{run}{_NOT_HASH})" * stars)
+            parts.append(f"(?:{run}{_ANY_WORD})*")
+            sep = r"\." if stars or sep == r"\." else _MAYBE_SEP
+        else:
+            for _ in range(stars):
+                parts.append(sep + _NOT_HASH)
+                sep = r"\."
+        if word is not None:
+            parts.append(sep + re.escape(word))
+            sep = r"\."
+        stars, hashed = 0, False
+    return "".join(parts)
+
+
+def _names(*alternatives: str) -> str:
+    """A regex admitting exactly the names (or keys) one of the regex ``alternatives`` does."""
+    return f"^(?:{'|'.join(alternatives)})$"
+
+
+def _exact(*names: str) -> list[str]:
+    return [re.escape(name) for name in names]
+
+
+def _own_queues(agent: str) -> str:
+    """The queues of the agent whose id ``agent`` (a regex) matches: its behaviours' and
+    ``@rpc`` queue (``mesh.q.``), its instances' inboxes and broadcast queues (``mesh.i.``).
+    Agent ids have no dots, so the prefix is the agent's alone."""
+    return rf"mesh\.[qi]\.{agent}\..+"
+
+
+def agent_permissions(
+    agent_id: str, subscriptions: Sequence[str], *, registry_events: bool = True
+) -> UserPermissions:
+    """The permissions of agent ``agent_id``'s user, whose ``subscribe`` rules allow the binding
+    patterns ``subscriptions`` on ``mesh.topic``.
+
+    It publishes only to the policy exchanges, ``mesh.dlx`` (its dead letters carry its
+    verified ``user_id``) and ``mesh.retry`` (keys naming its own queues); it declares, binds
+    and reads only its own queues; on ``mesh.internal`` it binds only what is addressed to
+    it: requests for its operations, replies and error notices for its instances, control
+    for it and ``_all``, and registry events if ``registry_events``.  Exchanges and the
+    gateway's queues are not its to declare (passively, at most).
+    """
+    agent = re.escape(topology.check_name("agent id", agent_id))
+    own = _own_queues(agent)
+    addressed = [
+        topology.request_key(agent_id, "*"),
+        topology.reply_key(agent_id, "*"),
+        topology.error_key(agent_id, "*"),
+        topology.control_key(agent_id, "*"),
+        topology.control_key(topology.ALL_AGENTS, "*"),
+    ]
+    if registry_events:
+        addressed.append(topology.registry_key("*"))
+    return UserPermissions(
+        configure=_names(own),
+        write=_names(
+            *_exact(
+                topology.POLICY_EXCHANGE,
+                topology.INTERNAL_POLICY_EXCHANGE,
+                topology.DEAD_LETTER_EXCHANGE,
+                topology.RETRY_EXCHANGE,
+            ),
+            own,
+        ),
+        read=_names(
+            *_exact(topology.TOPIC_EXCHANGE, topology.INTERNAL_EXCHANGE, topology.REQUEUE_EXCHANGE),
+            own,
+        ),
+        topics=(
+            TopicPermission(topology.POLICY_EXCHANGE, write=_names(_USER_TOPIC)),
+            TopicPermission(topology.INTERNAL_POLICY_EXCHANGE, write=_names(_AGENT_SENDS)),
+            TopicPermission(
+                topology.TOPIC_EXCHANGE,
+                read=covering_regex([topology.check_pattern(p) for p in subscriptions]),
+            ),
+            TopicPermission(topology.INTERNAL_EXCHANGE, read=covering_regex(addressed)),
+            TopicPermission(topology.DEAD_LETTER_EXCHANGE, write=ANY),
+            # topology.retry_key and requeue_key, for its own queues only.
+            TopicPermission(topology.RETRY_EXCHANGE, write=_names(rf"[0-9]+\.{own}")),
+            TopicPermission(topology.REQUEUE_EXCHANGE, read=_names(rf"\*\.{own}")),
+        ),
+    )
+
+
+def bridge_permissions(
+    bridge_id: str, subscriptions: Sequence[str], *, registry_events: bool = True
+) -> UserPermissions:
+    """The bridge's user: an agent (``agent_permissions``) whose ``subscriptions`` are what
+    its principals may subscribe to.  It publishes on their behalf, and the gateway
+    authorizes each principal, not the bridge."""
+    return agent_permissions(bridge_id, subscriptions, registry_events=registry_events)
+
+
+def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
+    """The gateway's user: it declares the mesh's exchanges, its own queues and the
+    dead-letter path, relays from the policy exchanges to ``mesh.topic`` and
+    ``mesh.internal``, and files dead letters.  As an agent it binds on ``mesh.internal``
+    only what is addressed to it (no ``_all``: gateways take no broadcast control)."""
+    gateway = re.escape(topology.check_name("gateway id", gateway_id))
+    own = _own_queues(gateway)
+    queues = _exact(
+        topology.GATEWAY_QUEUE,
+        topology.INTERNAL_GATEWAY_QUEUE,
+        topology.DEAD_LETTER_INCOMING,
+        topology.DEAD_LETTER_QUEUE,
+    )
+    addressed = [
+        topology.reply_key(gateway_id, "*"),
+        topology.error_key(gateway_id, "*"),
+        topology.control_key(gateway_id, "*"),
+    ]
+    return UserPermissions(
+        configure=_names(
+            *_exact(
+                topology.POLICY_EXCHANGE,
+                topology.TOPIC_EXCHANGE,
+                topology.INTERNAL_POLICY_EXCHANGE,
+                topology.INTERNAL_EXCHANGE,
+                topology.DEAD_LETTER_EXCHANGE,
+                topology.RETRY_EXCHANGE,
+                topology.REQUEUE_EXCHANGE,
+                topology.FILING_EXCHANGE,
+            ),
+            *queues,
+            own,
+        ),
+        write=_names(
+            *_exact(
+                topology.TOPIC_EXCHANGE,
+                topology.INTERNAL_EXCHANGE,
+                topology.INTERNAL_POLICY_EXCHANGE,
+                topology.DEAD_LETTER_EXCHANGE,
+                topology.FILING_EXCHANGE,
+            ),
+            *queues,
+            own,
+        ),
+        # mesh.requeue: declaring it names an alternate exchange, which needs read on it.
+        read=_names(
+            *_exact(
+                topology.POLICY_EXCHANGE,
+                topology.INTERNAL_POLICY_EXCHANGE,
+                topology.INTERNAL_EXCHANGE,
+                topology.DEAD_LETTER_EXCHANGE,
+                topology.FILING_EXCHANGE,
+                topology.REQUEUE_EXCHANGE,
+                topology.GATEWAY_QUEUE,
+                topology.INTERNAL_GATEWAY_QUEUE,
+                topology.DEAD_LETTER_INCOMING,
+            ),
+            own,
+        ),
+        topics=(
+            TopicPermission(topology.POLICY_EXCHANGE, read=ANY),
+            # Its own registry events and ping answers.
+            TopicPermission(
+                topology.INTERNAL_POLICY_EXCHANGE, write=_names(_AGENT_SENDS), read=ANY
+            ),
+            TopicPermission(topology.TOPIC_EXCHANGE, write=_names(_USER_TOPIC)),
+            TopicPermission(
+                topology.INTERNAL_EXCHANGE, write=_names(_MESH_KEY), read=covering_regex(addressed)
+            ),
+            TopicPermission(topology.DEAD_LETTER_EXCHANGE, write=ANY, read=ANY),
+            TopicPermission(topology.REQUEUE_EXCHANGE),
+        ),
+    )
+
+
+def operator_permissions(*, tail: Sequence[str] = ("#",), forget: bool = False) -> UserPermissions:
+    """The user of an operator's ``mesh`` commands.
+
+    Each command runs a ``Client``: an agent ``client-<random>`` with an inbox for replies,
+    which publishes events, requests and control commands.  ``mesh tail`` binds a queue of
+    its own to ``mesh.topic`` with the patterns ``tail`` covers.  ``mesh queues`` lists
+    queues over the management API, which takes the user tag ``management``, not AMQP
+    permissions; ``mesh forget`` deletes queues there, which takes ``configure`` on every
+    agent's queues (``forget``).
+    """
+    own = f"{_own_queues(_CLIENT)}|{_TAIL_QUEUE}"
+    configure = [own, _own_queues(_WORD)] if forget else [own]
+    return UserPermissions(
+        configure=_names(*configure),
+        write=_names(*_exact(topology.POLICY_EXCHANGE, topology.INTERNAL_POLICY_EXCHANGE), own),
+        read=_names(*_exact(topology.TOPIC_EXCHANGE, topology.INTERNAL_EXCHANGE), own),
+        topics=(
+            TopicPermission(topology.POLICY_EXCHANGE, write=_names(_USER_TOPIC)),
+            TopicPermission(
+                topology.INTERNAL_POLICY_EXCHANGE,
+                write=_names(rf"_(?:req|ctl)\.{_WORD}\.{_WORD}"),
+            ),
+            TopicPermission(
+                topology.TOPIC_EXCHANGE,
+                read=covering_regex([topology.check_pattern(p) for p in tail]),
+            ),
+            # The inbox binds its instance's exact keys (a Client takes no control).
+            TopicPermission(
+                topology.INTERNAL_EXCHANGE, read=_names(rf"_(?:reply|err)\.{_CLIENT}\.{_WORD}")
+            ),
+        ),
+        tags=("management",),
+    )
