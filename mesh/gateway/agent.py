@@ -13,10 +13,14 @@ from mesh.gateway.filer import DeadLetterFiler
 from mesh.gateway.guard import Guard
 from mesh.gateway.pipeline import Pipeline, Stage
 from mesh.gateway.relay import InternalRelay, Relay
+from mesh.gateway.replies import BindReplies
 
 
-def default_stages(gateway: str = "gateway") -> list[Stage]:
-    return [Decode(), Guard(gateway), Authenticate(), Audit()]
+def default_stages(gateway: str = "gateway", *, replies: BindReplies | None = None) -> list[Stage]:
+    """The gateway's stages; ``replies`` (a ``BindReplies`` on the mesh's Redis) binds
+    replies to requests, and a gateway without it relays any reply."""
+    bind: list[Stage] = [] if replies is None else [replies]
+    return [Decode(), Guard(gateway), Authenticate(), *bind, Audit()]
 
 
 class Gateway(Agent):
@@ -31,7 +35,11 @@ class Gateway(Agent):
         self, id: str = "gateway", *, stages: list[Stage] | None = None, **kwargs: Any
     ) -> None:
         super().__init__(id, **kwargs)
-        pipeline = Pipeline(default_stages(self.id) if stages is None else stages)
+        if stages is None:
+            stages = default_stages(
+                self.id, replies=BindReplies(self.redis, self.settings.namespace)
+            )
+        pipeline = Pipeline(stages)
         for name in (Relay.name, InternalRelay.name):
             relay = self.behaviour_map[name]
             assert isinstance(relay, Relay)

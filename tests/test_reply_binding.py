@@ -1,0 +1,265 @@
+"""Replies are bound to requests at the gateway: a reply or error passes only from the agent
+the request addressed, only once (a control command: once per answering instance), and only
+before the request's deadline, whichever gateway replica the request and the reply pass."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+from agents_core import Recorder
+from agents_reliability import Service, peek
+from helpers import eventually, free_port, mesh_cli, running, take
+
+from mesh import (
+    Agent,
+    Client,
+    Message,
+    MessageType,
+    RemoteError,
+    RequestTimeout,
+    Settings,
+    rpc,
+    topology,
+)
+from mesh.envelope import H_REASON
+from mesh.gateway import Gateway
+from mesh.gateway.replies import NO_BINDING
+
+
+class Slow(Recorder):
+    """Serves ``work``: records the request, then answers once the test says so."""
+
+    @rpc("work")
+    async def work(self, msg: Message, payload: object) -> dict[str, str]:
+        self.received.put_nowait(("work", msg))
+        await self.events["release"].wait()
+        return {"from": "slow"}
+
+
+def binding_key(settings: Settings, caller: Agent, correlation_id: str | None) -> str:
+    return f"{settings.namespace}:replies:{caller.reply_to}:{correlation_id}"
+
+
+def reason(dead: object) -> str:
+    return str((getattr(dead, "headers", None) or {}).get(H_REASON))
+
+
+def forged_reply(
+    forger: Client, to: Agent, correlation_id: str | None, **claims: str
+) -> Message:
+    """A reply to ``to`` from ``forger``, claiming to be ``claims`` (app_id, instance)."""
+    return Message(
+        topic=to.reply_to,
+        payload={"from": forger.id},
+        type=MessageType.REPLY,
+        correlation_id=correlation_id,
+        app_id=claims.get("app_id", forger.id),
+        instance=claims.get("instance", forger.instance),
+    )
+
+
+async def test_forged_reply_is_denied_at_the_gateway_and_never_reaches_the_caller(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """A reply with the right correlation id from an agent that was not asked is denied by
+    the gateway with the reason and dead-lettered; the caller's inbox gets only the real
+    reply.  The binding names the addressed agent and lives as long as the request."""
+    slow = Slow("slow", settings=settings)
+    caller = Agent("caller", settings=settings)
+    forger = Client("mallory", settings=settings)
+    async with running(Gateway(settings=settings), slow, caller, forger), peek(
+        settings
+    ) as broker:
+        inbox = await broker.tap(topology.INTERNAL_EXCHANGE, caller.reply_to)
+        asking = asyncio.create_task(caller.request("slow", "work", {}, timeout=20))
+        [(_, request)] = await take(slow.received, 1)
+        key = binding_key(settings, caller, request.correlation_id)
+        assert await redis.get(key) == b"slow"
+        assert 0 < await redis.pttl(key) <= 20_000
+
+        forged = forged_reply(forger, caller, request.correlation_id)
+        await forger.send(forged, caller.reply_to)
+        dead = await broker.dead_letter(forged.message_id)
+        assert dead.routing_key == caller.reply_to
+        assert "denied by gateway replies" in reason(dead)
+        assert "reply from 'mallory' to a request addressed to 'slow'" in reason(dead)
+        # The forgery did not use the binding up: the real reply still passes.
+        assert await redis.get(key) == b"slow"
+
+        slow.events["release"].set()
+        assert await asyncio.wait_for(asking, 10) == {"from": "slow"}
+        # The forgery was settled before the real reply was even sent: had it been
+        # relayed, the caller's route would have carried it first.
+        first = await broker.get(inbox)
+        assert first.app_id == "slow"
+        assert await redis.exists(key) == 0
+
+
+async def test_second_reply_is_denied(settings: Settings, redis: aioredis.Redis) -> None:
+    """The agent asked answers once: a second reply to the same request is denied."""
+    svc = Service("svc", settings=settings)
+    caller = Agent("caller", settings=settings)
+    async with running(Gateway(settings=settings), svc, caller), peek(settings) as broker:
+        assert await caller.request("svc", "echo", {"n": 1}, timeout=10) == {"n": 1}
+        [request] = await take(svc.seen, 1)
+        assert await redis.exists(binding_key(settings, caller, request.correlation_id)) == 0
+
+        await svc.reply(request, {"n": 2})
+        dead = await broker.dead_letter()
+        assert dead.routing_key == caller.reply_to
+        assert dead.app_id == "svc"
+        assert NO_BINDING in reason(dead)
+        # An error on the caller's error route is checked the same way.
+        error = svc._message(
+            topology.error_key(caller.id, caller.instance),
+            {"error": "late", "type": "Late"},
+            type=MessageType.ERROR,
+            correlation_id=request.correlation_id,
+        )
+        await svc.send(error, error.topic)
+        dead = await broker.dead_letter(error.message_id)
+        assert NO_BINDING in reason(dead)
+
+
+async def test_reply_after_the_deadline_is_denied(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """The binding expires with the request: a reply that comes later is denied."""
+    slow = Slow("slow", settings=settings)
+    caller = Agent("caller", settings=settings)
+    async with running(Gateway(settings=settings), slow, caller), peek(settings) as broker:
+        asking = asyncio.create_task(caller.request("slow", "work", {}, timeout=1.5))
+        [(_, request)] = await take(slow.received, 1)
+        key = binding_key(settings, caller, request.correlation_id)
+        assert 0 < await redis.pttl(key) <= 1500
+        with pytest.raises(RequestTimeout):
+            await asking
+        await eventually(lambda: _gone(redis, key))
+
+        slow.events["release"].set()
+        dead = await broker.dead_letter()
+        assert dead.routing_key == caller.reply_to
+        assert dead.app_id == "slow"
+        assert NO_BINDING in reason(dead)
+
+
+async def _gone(redis: aioredis.Redis, key: str) -> bool:
+    return await redis.exists(key) == 0
+
+
+async def test_reply_through_another_replica_than_its_request_is_accepted(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """The binding lives in Redis: a request relayed by one replica and its reply relayed
+    by another reach the caller, and the reply takes the binding."""
+    g1 = Gateway(settings=settings, instance="g1")
+    g2 = Gateway(settings=settings, instance="g2")
+    slow = Slow("slow", settings=settings)
+    caller = Agent("caller", settings=settings)
+    async with running(g1, g2, slow, caller):
+        await g2.stop_behaviour("relay_internal")
+        asking = asyncio.create_task(caller.request("slow", "work", {}, timeout=20))
+        [(_, request)] = await take(slow.received, 1)
+        key = binding_key(settings, caller, request.correlation_id)
+        assert await redis.get(key) == b"slow"  # written by g1, the only relay running
+
+        await g2.start_behaviour("relay_internal")
+        await g1.stop_behaviour("relay_internal")
+        slow.events["release"].set()
+        assert await asyncio.wait_for(asking, 10) == {"from": "slow"}
+        assert await redis.exists(key) == 0  # taken by g2
+
+
+async def test_control_to_all_collects_one_answer_per_instance(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """A control command to ``_all`` takes one answer from each instance of any agent; a
+    second answer from one instance is denied, and so is an answer to a command addressed
+    to another agent."""
+    alphas = [Recorder("alpha", settings=settings, instance=f"a{i}") for i in (1, 2)]
+    beta = Recorder("beta", settings=settings, instance="b1")
+    client = Client(settings=settings)
+    forger = Client("mallory", settings=settings)
+    async with running(Gateway(settings=settings), *alphas, beta, client, forger), peek(
+        settings
+    ) as broker:
+        answers = await client.control(topology.ALL_AGENTS, "ping", timeout=10)
+        assert sorted((a.app_id, a.instance) for a in answers) == [
+            ("alpha", "a1"), ("alpha", "a2"), ("beta", "b1"),
+        ]
+        correlation_id = answers[0].correlation_id
+        answered = f"{settings.namespace}:replies:answered:{client.reply_to}:{correlation_id}"
+        assert await redis.smembers(answered) == {b"alpha/a1", b"alpha/a2", b"beta/b1"}
+        assert await redis.get(binding_key(settings, client, correlation_id)) == b"ctl:_all"
+
+        again = forged_reply(forger, client, correlation_id, app_id="alpha", instance="a1")
+        await forger.send(again, client.reply_to)
+        dead = await broker.dead_letter(again.message_id)
+        assert "alpha/a1 answered this control command already" in reason(dead)
+
+        # A command to alpha takes answers from both its instances, and none from beta.
+        answers = await client.control("alpha", "ping", timeout=10)
+        assert sorted(a.instance for a in answers) == ["a1", "a2"]
+        stray = forged_reply(
+            forger, client, answers[0].correlation_id, app_id="beta", instance="b1"
+        )
+        await forger.send(stray, client.reply_to)
+        dead = await broker.dead_letter(stray.message_id)
+        assert "reply from 'beta' to a request addressed to 'alpha'" in reason(dead)
+
+
+async def test_request_reply_and_mesh_ping_keep_working(
+    settings: Settings, redis: aioredis.Redis
+) -> None:
+    """Ordinary requests, errors and pings pass, each answer through its binding; nothing
+    is left bound once a request was answered."""
+    svc = Service("svc", settings=settings, instance="s1")
+    caller = Client("caller", settings=settings)
+    async with running(Gateway(settings=settings, instance="g1"), svc, caller):
+        for n in range(5):
+            assert await caller.request("svc", "echo", {"n": n}, timeout=10) == {"n": n}
+        with pytest.raises(RemoteError) as caught:
+            await caller.request("svc", "nothing", {}, timeout=10)
+        assert caught.value.error_type == "Unroutable"
+        requests = [k async for k in redis.scan_iter(f"{settings.namespace}:replies:_reply.*")]
+        # Only the unroutable request's binding is left, until its deadline.
+        assert len(requests) == 1
+
+        records = await caller.ping(timeout=10)
+        assert [(r.agent, r.instance) for r in records] == [("gateway", "g1"), ("svc", "s1")]
+        members: set[bytes] = set()
+        async for key in redis.scan_iter(f"{settings.namespace}:replies:answered:*"):
+            members |= await redis.smembers(key)
+        assert members == {b"gateway/g1", b"svc/s1"}
+
+        code, out, err = await mesh_cli(settings, "ping", "--timeout", "5")
+        assert code == 0, err
+        assert "svc" in out and "gateway" in out
+
+
+async def test_redis_unreachable_denies_requests_at_once_and_replies(
+    settings: Settings,
+) -> None:
+    """Fail closed: a gateway that cannot reach Redis denies a request at once (the caller
+    gets ``RemoteError``, the handler never runs) and denies a reply it cannot check."""
+    dead_redis = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    svc = Service("svc", settings=settings)
+    caller = Agent("caller", settings=settings)
+    forger = Client("mallory", settings=settings)
+    async with running(Gateway(settings=dead_redis), svc, caller, forger), peek(
+        settings
+    ) as broker:
+        with pytest.raises(RemoteError) as caught:
+            await caller.request("svc", "echo", {}, timeout=20)
+        assert caught.value.error_type == "Denied"
+        assert "reply binding unavailable" in caught.value.detail
+        dead = await broker.dead_letter()
+        assert dead.routing_key == topology.request_key("svc", "echo")
+        assert svc.seen.empty()
+
+        reply = forged_reply(forger, caller, "any")
+        await forger.send(reply, caller.reply_to)
+        dead = await broker.dead_letter(reply.message_id)
+        assert "reply binding unavailable" in reason(dead)
