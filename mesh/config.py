@@ -36,6 +36,9 @@ class Settings(BaseModel):
 
     amqp_url: str = DEFAULT_AMQP_URL
     redis_url: str = DEFAULT_REDIS_URL
+    policy: str | None = None
+    """The policy file (``policy.yaml``) the gateway enforces; none: open mode, where every
+    sender is trusted (first steps only)."""
     management_url: str | None = None
     """RabbitMQ's management API (``mesh queues``, ``mesh forget``); by default the AMQP
     URL's host and user on port 15672."""

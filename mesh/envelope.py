@@ -32,6 +32,8 @@ H_DEAD_BY = "x-mesh-dead-by"
 H_ATTEMPT = "x-mesh-attempt"
 H_MESH_ID = "x-mesh-id"
 """The sender's message id, on every copy the mesh forwards (see ``forwarded``)."""
+H_ON_BEHALF_OF = "x-mesh-on-behalf-of"
+"""The token principal a delegating sender (the bridge) acts for; the gateway checks both."""
 
 RESERVED_HEADERS = frozenset(
     {

@@ -147,27 +147,22 @@ async def test_replies_reach_the_asking_instance(settings: Settings) -> None:
         assert callees[1].counts["add"] == served["k2"]
 
 
-async def test_timeout_and_late_reply(
-    settings: Settings, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_timeout_and_late_reply(settings: Settings) -> None:
     """A callee that blocks makes ``request`` raise ``RequestTimeout``; its late reply is
-    dropped with a log line, and the caller keeps working."""
+    refused at the gateway (past the request's deadline) and dead-lettered with the reason,
+    and the caller keeps working."""
     calc = Calculator("calc", settings=settings)
     caller = Agent("caller", settings=settings)
-    async with running(Gateway(settings=settings), calc, caller):
+    async with running(Gateway(settings=settings), calc, caller), peek(settings) as amqp:
         with pytest.raises(RequestTimeout, match=r"calc\.block"):
             await caller.request("calc", "block", {}, timeout=0.5)
         await asyncio.wait_for(calc.events["blocked"].wait(), 5)
 
         calc.events["release"].set()
         await eventually(lambda: calc.counts["block_done"] == 1, timeout=5)
-        await eventually(
-            lambda: any(
-                r.name == "mesh.agent" and "late or unknown" in r.getMessage()
-                for r in caplog.records
-            ),
-            timeout=5,
-        )
+        late = await amqp.dead_letter()
+        assert late.type == "reply"
+        assert "no request is waiting for this reply" in str((late.headers or {})["x-mesh-reason"])
         assert not caller._awaited  # nothing left waiting
 
         answer = await caller.request("calc", "add", Question(a=1, b=2), model=Answer)

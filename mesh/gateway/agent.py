@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from mesh.agent import GATEWAY_CAPABILITY, Agent
+from mesh.config import ConfigError, Settings
 from mesh.deadcounts import DeadLetterCounts
 from mesh.gateway.audit import Audit
 from mesh.gateway.authenticate import Authenticate
+from mesh.gateway.authorize import Authorize
 from mesh.gateway.decode import Decode
 from mesh.gateway.filer import DeadLetterFiler
 from mesh.gateway.guard import Guard
 from mesh.gateway.pipeline import Pipeline, Stage
 from mesh.gateway.relay import InternalRelay, Relay
 from mesh.gateway.replies import BindReplies
+from mesh.policy import Policy, PolicyError, load_policy
+
+logger = logging.getLogger(__name__)
 
 
-def default_stages(gateway: str = "gateway", *, replies: BindReplies | None = None) -> list[Stage]:
-    """The gateway's stages; ``replies`` (a ``BindReplies`` on the mesh's Redis) binds
-    replies to requests, and a gateway without it relays any reply."""
-    bind: list[Stage] = [] if replies is None else [replies]
-    return [Decode(), Guard(gateway), Authenticate(), *bind, Audit()]
+def default_stages(
+    gateway: str = "gateway",
+    *,
+    authorize: Authorize | None = None,
+    replies: BindReplies | None = None,
+) -> list[Stage]:
+    """The gateway's stages.  ``authorize`` enforces a policy (without it: open mode);
+    ``replies`` (a ``BindReplies`` on the mesh's Redis) binds replies to requests, and a
+    gateway without it relays any reply."""
+    optional: list[Stage] = [s for s in (authorize, replies) if s is not None]
+    return [Decode(), Guard(gateway), Authenticate(), *optional, Audit()]
 
 
 class Gateway(Agent):
@@ -35,9 +48,12 @@ class Gateway(Agent):
         self, id: str = "gateway", *, stages: list[Stage] | None = None, **kwargs: Any
     ) -> None:
         super().__init__(id, **kwargs)
+        self.policy = _load_policy(self.settings)
         if stages is None:
+            namespace = self.settings.namespace
+            authorize = None if self.policy is None else Authorize(self.policy, namespace)
             stages = default_stages(
-                self.id, replies=BindReplies(self.redis, self.settings.namespace)
+                self.id, authorize=authorize, replies=BindReplies(self.redis, namespace)
             )
         pipeline = Pipeline(stages)
         for name in (Relay.name, InternalRelay.name):
@@ -47,3 +63,23 @@ class Gateway(Agent):
         filer = self.behaviour_map[DeadLetterFiler.name]
         assert isinstance(filer, DeadLetterFiler)
         filer.counts = DeadLetterCounts(self.redis, self.settings.namespace)
+
+    async def on_start(self) -> None:
+        if self.policy is None:
+            logger.warning(
+                "gateway %s runs in open mode: no policy (MESH_POLICY), so identities and "
+                "authorization are not enforced and every sender is trusted",
+                self.id,
+            )
+        else:
+            logger.info("gateway %s enforces the policy %s", self.id, self.policy.source)
+        await super().on_start()
+
+
+def _load_policy(settings: Settings) -> Policy | None:
+    if settings.policy is None:
+        return None
+    try:
+        return load_policy(Path(settings.policy))
+    except PolicyError as exc:
+        raise ConfigError(f"MESH_POLICY: {'; '.join(exc.lines())}") from None
