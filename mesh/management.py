@@ -199,6 +199,70 @@ class ManagementAPI:
             {"exchange": exchange, "write": write, "read": read},
         )
 
+    async def users(self) -> list[UserInfo]:
+        """Every user of the broker (users are server-wide), with tags and password hash."""
+        return [
+            UserInfo(
+                name=u["name"],
+                tags=_tags(u.get("tags")),
+                password_hash=u.get("password_hash") or "",
+                hashing_algorithm=u.get("hashing_algorithm") or "",
+            )
+            for u in await self.call("GET", "users") or []
+        ]
+
+    async def permissions(self, vhost: str) -> list[PermissionInfo]:
+        """Every user's permissions on ``vhost``."""
+        return [
+            PermissionInfo(p["user"], p["configure"], p["write"], p["read"])
+            for p in await self.call("GET", f"vhosts/{_part(vhost)}/permissions") or []
+        ]
+
+    async def topic_permissions(self, vhost: str) -> list[TopicPermissionInfo]:
+        """Every user's topic permissions on ``vhost``, one per user and exchange."""
+        return [
+            TopicPermissionInfo(p["user"], p["exchange"], p["write"], p["read"])
+            for p in await self.call("GET", f"vhosts/{_part(vhost)}/topic-permissions") or []
+        ]
+
 
 def _part(value: str) -> str:
     return quote(value, safe="")
+
+
+def _tags(value: Any) -> tuple[str, ...]:
+    # RabbitMQ 3.9 and later list a user's tags; earlier versions join them with commas.
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(tag for tag in value or () if tag)
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    """A broker user as the management API lists it."""
+
+    name: str
+    tags: tuple[str, ...]
+    password_hash: str
+    """Base64 of a 4-byte salt and the hash of salt + password (``hashing_algorithm``)."""
+    hashing_algorithm: str
+
+
+@dataclass(frozen=True)
+class PermissionInfo:
+    """A user's permissions on one vhost: regexes over exchange and queue names."""
+
+    user: str
+    configure: str
+    write: str
+    read: str
+
+
+@dataclass(frozen=True)
+class TopicPermissionInfo:
+    """A user's topic permissions on one exchange: regexes over routing and binding keys."""
+
+    user: str
+    exchange: str
+    write: str
+    read: str
