@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mesh.cli import agents, control, policy, publish, queues, run, tail, token
+from mesh.cli import agents, control, policy, provision, publish, queues, run, tail, token
 from mesh.cli.common import example
 
 
@@ -45,3 +45,6 @@ main.add_command(queues.forget)
 # The policy file and its users' tokens: mesh/cli/policy.py, mesh/cli/token.py
 main.add_command(policy.policy)
 main.add_command(token.token)
+
+# Broker users from the policy: mesh/cli/provision.py
+main.add_command(provision.provision)

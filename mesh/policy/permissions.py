@@ -26,16 +26,19 @@ the mesh declares and no topic the gateway relays does.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from mesh import topology
+from mesh.policy import globs
+from mesh.policy.topics import SELF, check_rule_pattern
 
 NOTHING = "^(?!)$"
 """Admits no name or key.  Not ``""``: RabbitMQ reads that as ``^$``, the empty key."""
 ANY = ".*"
 
-_WORD = "[A-Za-z0-9_-]+"
+_ID_CHAR = "[A-Za-z0-9_-]"
+_WORD = f"{_ID_CHAR}+"
 """A word of a topic, binding key or name (``topology.check_binding``)."""
 _USER_TOPIC = rf"[A-Za-z0-9-][A-Za-z0-9_-]*(?:\.{_WORD})*"
 """A topic a user may publish (``topology.check_topic``): no ``_`` first."""
@@ -86,15 +89,20 @@ def covering_regex(patterns: Sequence[str]) -> str:
     covers neither ``vehicle.#`` nor ``#``.  Only keys of mesh words, ``*`` and ``#`` are
     admitted; ``NOTHING`` when there are no patterns.
     """
-    checked = sorted({topology.check_binding(p) for p in patterns})
-    if not checked:
+    return _covering_regex({topology.check_binding(p) for p in patterns}, re.escape)
+
+
+def _covering_regex(patterns: Collection[str], literal: Callable[[str], str]) -> str:
+    """``covering_regex`` of checked ``patterns``, whose literal words ``literal`` turns
+    into regexes (``{self}`` into the ids it stands for)."""
+    if not patterns:
         return NOTHING
-    body = "|".join(_covering(p) for p in checked)
+    body = "|".join(_covering(p, literal) for p in sorted(patterns))
     # A leading dot (an empty first word) must not pass for the start _MAYBE_SEP allows.
     return f"^(?!\\.)(?:{body})$" if _MAYBE_SEP in body else f"^(?:{body})$"
 
 
-def _covering(pattern: str) -> str:
+def _covering(pattern: str, literal: Callable[[str], str]) -> str:
     # Wildcards next to each other match the same topics in any order (`#.*` and `*.#`: one
     # word or more), so a run of them is judged by its count of `*` and whether it holds a `#`.
     # Without `#` it covers that many key words, none `#` (a `#` can be longer or shorter);
@@ -120,7 +128,7 @@ def _covering(pattern: str) -> str:
                 parts.append(sep + _NOT_HASH)
                 sep = r"\."
         if word is not None:
-            parts.append(sep + re.escape(word))
+            parts.append(sep + literal(word))
             sep = r"\."
         stars, hashed = 0, False
     return "".join(parts)
@@ -155,17 +163,44 @@ def agent_permissions(
     for it and ``_all``, and registry events if ``registry_events``.  Exchanges and the
     gateway's queues are not its to declare (passively, at most).
     """
-    agent = re.escape(topology.check_name("agent id", agent_id))
+    topology.check_name("agent id", agent_id)
+    patterns = [topology.check_pattern(p) for p in subscriptions]  # no {self} here
+    return shared_agent_permissions([agent_id], patterns, registry_events=registry_events)
+
+
+def shared_agent_permissions(
+    agents: Sequence[str],
+    subscriptions: Sequence[str],
+    *,
+    excluding: Collection[str] = (),
+    registry_events: bool = True,
+) -> UserPermissions:
+    """``agent_permissions`` of one user shared by every agent whose id ``agents`` lists or
+    matches (ids and globs, as a policy principal names them), but the ids in ``excluding``
+    (listed by other principals, whose own users hold those).
+
+    ``{self}`` in ``subscriptions`` (a word of a pattern) stands for any of those ids: the
+    broker cannot tell apart agents sharing a user, so with ``vehicle.{self}.#`` each may
+    bind ``vehicle.<any of them>.#``.  The gateway still decides per agent id.
+    """
+    if not agents:
+        raise topology.TopicError("no agent ids or globs: a user of no agent may do nothing")
+    agent = _agents_regex(agents, excluding)
     own = _own_queues(agent)
     addressed = [
-        topology.request_key(agent_id, "*"),
-        topology.reply_key(agent_id, "*"),
-        topology.error_key(agent_id, "*"),
-        topology.control_key(agent_id, "*"),
+        topology.request_key(SELF, "*"),
+        topology.reply_key(SELF, "*"),
+        topology.error_key(SELF, "*"),
+        topology.control_key(SELF, "*"),
         topology.control_key(topology.ALL_AGENTS, "*"),
     ]
     if registry_events:
         addressed.append(topology.registry_key("*"))
+
+    def literal(word: str) -> str:
+        return agent if word == SELF else re.escape(word)
+
+    subscribed = {_check_subscription(p) for p in subscriptions}
     return UserPermissions(
         configure=_names(own),
         write=_names(
@@ -184,17 +219,82 @@ def agent_permissions(
         topics=(
             TopicPermission(topology.POLICY_EXCHANGE, write=_names(_USER_TOPIC)),
             TopicPermission(topology.INTERNAL_POLICY_EXCHANGE, write=_names(_AGENT_SENDS)),
+            TopicPermission(topology.TOPIC_EXCHANGE, read=_covering_regex(subscribed, literal)),
             TopicPermission(
-                topology.TOPIC_EXCHANGE,
-                read=covering_regex([topology.check_pattern(p) for p in subscriptions]),
+                topology.INTERNAL_EXCHANGE, read=_covering_regex(set(addressed), literal)
             ),
-            TopicPermission(topology.INTERNAL_EXCHANGE, read=covering_regex(addressed)),
             TopicPermission(topology.DEAD_LETTER_EXCHANGE, write=ANY),
             # topology.retry_key and requeue_key, for its own queues only.
             TopicPermission(topology.RETRY_EXCHANGE, write=_names(rf"[0-9]+\.{own}")),
             TopicPermission(topology.REQUEUE_EXCHANGE, read=_names(rf"\*\.{own}")),
         ),
     )
+
+
+def _check_subscription(pattern: str) -> str:
+    """``pattern`` if a user may bind it, ``{self}`` standing for a word."""
+    try:
+        return check_rule_pattern(pattern)
+    except ValueError as exc:
+        raise topology.TopicError(str(exc)) from None
+
+
+def _agents_regex(agents: Sequence[str], excluding: Collection[str]) -> str:
+    """A regex matching exactly the agent ids ``agents`` lists or matches, but ``excluding``:
+    one word, as it stands in a queue name or a routing key (dots around it)."""
+    alternatives = sorted({_glob_regex(a) for a in agents})
+    regex = alternatives[0] if len(alternatives) == 1 else f"(?:{'|'.join(alternatives)})"
+    if excluding:
+        ids = "|".join(re.escape(topology.check_name("agent id", a)) for a in sorted(excluding))
+        regex = rf"(?!(?:{ids})(?:\.|$)){regex}"
+    return regex
+
+
+_GLOB_TOKEN = re.compile(r"\[[^\]]+\]|.")
+
+
+def _glob_regex(glob: str) -> str:
+    """A regex matching the agent ids ``glob`` matches (an id: itself)."""
+    if not globs.is_glob(glob):
+        return re.escape(topology.check_name("agent id", glob))
+    try:
+        globs.check_glob(glob)
+    except ValueError as exc:
+        raise topology.TopicError(str(exc)) from None
+    parts = []
+    for token in _GLOB_TOKEN.findall(glob):
+        if token == "*":
+            parts.append(f"{_ID_CHAR}*")
+        elif token == "?":
+            parts.append(_ID_CHAR)
+        elif token.startswith("["):
+            # The id characters the class takes, asked of fnmatch itself, so that ranges
+            # and '!' read exactly as the policy reads them.
+            parts.append(_char_class([c for c in globs.ID_CHARS if globs.matches(token, c)]))
+        else:
+            parts.append(re.escape(token))
+    regex = "".join(parts)
+    # An agent id starts with a letter or digit (so is never empty), where a glob may not.
+    return regex if glob[0].isalnum() else f"(?=[A-Za-z0-9]){regex}"
+
+
+def _char_class(chars: Sequence[str]) -> str:
+    """A regex class of ``chars`` (id characters), runs of three or more as ranges."""
+    runs: list[list[str]] = []
+    for char in sorted(chars):
+        if runs and ord(char) == ord(runs[-1][-1]) + 1:
+            runs[-1].append(char)
+        else:
+            runs.append([char])
+    if len(runs) == 1 and len(runs[0]) == 1:
+        return re.escape(runs[0][0])
+    body = "".join(
+        f"{re.escape(run[0])}-{re.escape(run[-1])}"
+        if len(run) > 2
+        else "".join(re.escape(c) for c in run)
+        for run in runs
+    )
+    return f"[{body}]"
 
 
 def bridge_permissions(

@@ -1,0 +1,89 @@
+"""Making the changes: the credentials directory first, then the broker, one change at a time.
+
+Every change sets a whole value (a user with its password and tags, a permission), so
+running the same plan twice, or again after a failure half-way, ends in the same state;
+a new password is written to its file before the broker gets it, so it is never lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import assert_never
+
+from mesh.management import ManagementAPI
+from mesh.provision.credentials import Credentials, CredentialStore
+from mesh.provision.diff import (
+    Change,
+    CreateVhost,
+    DeleteUser,
+    PutUser,
+    RemoveCredentials,
+    SetPermissions,
+    SetTopicPermission,
+    WriteCredentials,
+    diff,
+    read_state,
+)
+from mesh.provision.errors import ProvisionError
+from mesh.provision.passwords import new_password
+from mesh.provision.plan import Plan
+
+
+async def provision(
+    plan: Plan,
+    store: CredentialStore,
+    amqp_url: str,
+    api: ManagementAPI | None,
+    *,
+    dry_run: bool = False,
+    on_change: Callable[[Change], None] = lambda change: None,
+) -> list[Change]:
+    """Make the broker behind ``api`` and ``store`` what ``plan`` wants; the changes made.
+
+    ``api`` must be an administrator's; ``None`` leaves the broker alone (credentials
+    only, say for a definitions file).  ``dry_run`` only works the changes out.
+    ``on_change`` hears of each change once it is made (with ``dry_run``, at once).
+    """
+    state = None if api is None else await read_state(api, plan.vhost)
+    changes = diff(plan, store, amqp_url, state)
+    for change in changes:
+        if not dry_run:
+            await apply(change, plan, store, amqp_url, api)
+        on_change(change)
+    return changes
+
+
+async def apply(
+    change: Change, plan: Plan, store: CredentialStore, amqp_url: str, api: ManagementAPI | None
+) -> None:
+    """Make one change."""
+    if isinstance(change, WriteCredentials):
+        kept = store.read(change.principal)
+        password = new_password() if change.new_password or kept is None else kept[0]
+        store.save(Credentials(change.principal, change.user, password, amqp_url, plan.namespace))
+        return
+    if isinstance(change, RemoveCredentials):
+        store.remove(change.principal)
+        return
+    if api is None:
+        raise ProvisionError(f"{change}: needs the broker")
+    match change:
+        case CreateVhost():
+            await api.create_vhost(change.vhost)
+        case PutUser():
+            kept = store.read(change.user.principal.name)
+            if kept is None:  # diff writes credentials before the user they are for
+                raise ProvisionError(f"{change}: no credentials to set")
+            await api.put_user(change.user.name, kept[0], change.user.tags)
+        case SetPermissions():
+            await api.set_permissions(
+                change.vhost, change.user, change.configure, change.write, change.read
+            )
+        case SetTopicPermission():
+            await api.set_topic_permissions(
+                change.vhost, change.user, change.exchange, change.write, change.read
+            )
+        case DeleteUser():
+            await api.delete_user(change.user)
+        case _:
+            assert_never(change)
