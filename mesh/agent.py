@@ -11,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+from aiormq.exceptions import ChannelAccessRefused
 from mode import Service
 from pydantic import BaseModel, ValidationError
 from redis.asyncio.retry import Retry as RedisRetry
@@ -33,7 +34,7 @@ from mesh.membership import REDIS_DOWN, Membership
 from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord, Registry
 from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
-from mesh.transport import Transport
+from mesh.transport import Transport, settle
 
 logger = logging.getLogger(__name__)
 
@@ -219,11 +220,7 @@ class Agent(Service):
         self._leaving = False
         self.started_at = datetime.now(UTC)
         await self.transport.connect()
-        await topology.declare_exchanges(
-            self.transport.channel,
-            dead_letter_max_bytes=self.settings.dead_letter_max_bytes,
-            dead_letter_max_age=self.settings.dead_letter_max_age,
-        )
+        await self._ensure_topology()
         await self._open_inbox()
         if self._state is not None:
             await self._state.try_restore()
@@ -238,6 +235,28 @@ class Agent(Service):
             self.instance,
             ", ".join(self.behaviour_map) or "(none)",
         )
+
+    async def _ensure_topology(self) -> None:
+        """Declare the mesh's exchanges, or, where this agent's broker user may not (a
+        provisioned mesh), check that they exist.  Each try has a channel of its own: a
+        refused declare closes its channel."""
+        channel = await self.transport.open_channel()
+        try:
+            await topology.declare_exchanges(
+                channel,
+                dead_letter_max_bytes=self.settings.dead_letter_max_bytes,
+                dead_letter_max_age=self.settings.dead_letter_max_age,
+            )
+            return
+        except ChannelAccessRefused:
+            logger.debug("may not declare the topology; checking it exists")
+        finally:
+            await settle(channel.close())
+        channel = await self.transport.open_channel()
+        try:
+            await topology.check_exchanges(channel)
+        finally:
+            await settle(channel.close())
 
     async def _start_behaviours(self) -> None:
         """Start the autostart behaviours, ``STARTS_AT_ONCE`` at a time.

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelAccessRefused
 
 from mesh import topology
 from mesh.envelope import H_ATTEMPT, H_DELIVERY_COUNT, forwarded, mesh_id
-from mesh.transport import Transport, Unroutable
+from mesh.topology import TopologyError
+from mesh.transport import Transport, Unroutable, settle
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,24 @@ class Retries:
         logger.debug("retry of %s to %s in %d ms", mesh_id(incoming), queue, delay_ms)
 
     async def _declare(self, delay_ms: int) -> None:
-        if delay_ms not in self._declared:
-            await topology.declare_retry_queue(self.transport.channel, delay_ms)
-            self._declared.add(delay_ms)
+        """Declare the delay queue once per instance; a provisioned agent, whose user may
+        not declare it, checks it exists (provisioning declares the settings' delays)."""
+        if delay_ms in self._declared:
+            return
+        channel = await self.transport.open_channel()
+        try:
+            await topology.declare_retry_queue(channel, delay_ms)
+        except ChannelAccessRefused:
+            await settle(channel.close())
+            channel = await self.transport.open_channel()
+            try:
+                await channel.declare_queue(topology.retry_queue(delay_ms), passive=True)
+            except ChannelNotFoundEntity:
+                raise TopologyError(
+                    f"no retry queue for a delay of {delay_ms} ms, and this agent may not "
+                    "declare one: add the delay to MESH_RETRY_DELAYS where the mesh is "
+                    "provisioned (`mesh provision`)"
+                ) from None
+        finally:
+            await settle(channel.close())
+        self._declared.add(delay_ms)

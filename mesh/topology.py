@@ -20,7 +20,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustQueue,
 )
-from aio_pika.exceptions import ChannelPreconditionFailed
+from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 POLICY_EXCHANGE = "mesh.policy"
 TOPIC_EXCHANGE = "mesh.topic"
@@ -296,6 +296,35 @@ async def declare_exchanges(
     incoming = await declare_dead_letter_incoming(channel)
     await incoming.bind(exchanges[DEAD_LETTER_EXCHANGE], "#")
     return exchanges
+
+
+SHARED_EXCHANGES = (
+    POLICY_EXCHANGE,
+    TOPIC_EXCHANGE,
+    INTERNAL_POLICY_EXCHANGE,
+    INTERNAL_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    RETRY_EXCHANGE,
+    REQUEUE_EXCHANGE,
+)
+"""The exchanges every agent publishes to or binds on."""
+
+
+async def check_exchanges(channel: AbstractChannel) -> None:
+    """Check, without declaring, that the exchanges agents use exist.
+
+    What a provisioned agent does instead of ``declare_exchanges``: its broker user may not
+    declare the topology (provisioning and the gateway do).  Raises ``TopologyError`` naming
+    a missing one.
+    """
+    for name in SHARED_EXCHANGES:
+        try:
+            await channel.get_exchange(name, ensure=True)
+        except ChannelNotFoundEntity:
+            raise TopologyError(
+                f"exchange {name!r} does not exist and this agent's broker user may not declare "
+                "it: run `mesh provision` or start a gateway first"
+            ) from None
 
 
 async def declare_dead_letter_incoming(channel: AbstractChannel) -> AbstractQueue:

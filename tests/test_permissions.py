@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import cache
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
@@ -19,7 +20,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from mesh import Settings, TopicError, topology
+from behaviours import SubscriberBehaviour
+from mesh import Agent, Message, Settings, TopicError, on, topology
 from mesh.gateway import Gateway
 from mesh.management import ManagementAPI, vhost_of
 from mesh.policy.permissions import (
@@ -615,3 +617,40 @@ async def test_gateway_relays_with_its_compiled_permissions(
         assert await caller.request("svc", "echo", {"x": 1}, timeout=10) == {"x": 1}
     assert event.topic == "news.flash"
     assert event.user_id == "guest"
+
+
+class Flaky(SubscriberBehaviour):
+    retry_delays = (0.05,)
+
+    @on("vehicle.#")
+    async def reading(self, msg: Message, payload: object) -> None:
+        self.agent.attempts.put_nowait(msg.attempt)  # type: ignore[attr-defined]
+        if msg.attempt == 1:
+            raise RuntimeError("first attempt fails")
+
+
+class Restricted(Agent):
+    behaviours = [Flaky]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.attempts: asyncio.Queue[int] = asyncio.Queue()
+
+
+async def test_an_agent_runs_under_its_compiled_permissions(
+    settings: Settings, users: Users, admin: AbstractChannel
+) -> None:
+    """Started under ``agent_permissions`` (after the topology exists), an agent checks the
+    exchanges instead of declaring them, declares and binds its own queues, publishes through
+    the gateway, and retries through a delay queue provisioning declared."""
+    await topology.declare_retry_queue(admin, 50)
+    gateway = Gateway(settings=settings.model_copy(
+        update={"amqp_url": await users(gateway_permissions())}
+    ))
+    restricted = settings.model_copy(
+        update={"amqp_url": await users(agent_permissions("v7", ["vehicle.#"]))}
+    )
+    v7 = Restricted("v7", settings=restricted)
+    async with running(gateway, v7):
+        await v7.publish("vehicle.v7.speed", {"kmh": 1})
+        assert [await asyncio.wait_for(v7.attempts.get(), 15) for _ in range(2)] == [1, 2]
