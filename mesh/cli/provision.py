@@ -96,10 +96,12 @@ def provision(
     except ProvisionError as exc:
         raise click.ClickException(str(exc)) from None
     except ManagementError as exc:
-        raise click.ClickException(
-            f"{exc} (mesh provision runs as a broker administrator: the user of "
+        refused = any(sign in str(exc) for sign in ("refused user", "HTTP 401", "HTTP 403"))
+        hint = (
+            " (mesh provision runs as a broker administrator: the user of "
             "MESH_MANAGEMENT_URL, by default MESH_AMQP_URL's)"
-        ) from None
+        )
+        raise click.ClickException(f"{exc}{hint if refused else ''}") from None
     if not changes:
         click.echo("nothing to change")
     if definitions_file is not None:

@@ -21,6 +21,7 @@ from mesh.policy.permissions import (
 )
 from mesh.policy.topics import SELF, expand
 from mesh.provision.errors import ProvisionError
+from mesh.topology import TopicError
 
 MANAGED_TAG = "mesh-managed"
 """On every user some mesh's provisioning made (an administrator can list them all)."""
@@ -74,12 +75,16 @@ def build_plan(policy: Policy, namespace: str, vhost: str) -> Plan:
     principal names, with the subscriptions its enforced rules allow (a delegating
     principal also those of the users it acts for); the gateway ``gateway_permissions``;
     operators ``operator_permissions``.  Users (token principals) get none: they act
-    through the bridge.  Raises ``ProvisionError`` for a gateway that is not one agent id.
+    through the bridge.  Raises ``ProvisionError`` for a gateway that is not one agent id,
+    and for an agent id no agent can have.
     """
     notes: list[str] = []
     users = []
     for principal in policy.principals():
-        permissions = _permissions(policy, principal, notes)
+        try:
+            permissions = _permissions(policy, principal, notes)
+        except TopicError as exc:  # an agent id no agent can have, say
+            raise ProvisionError(f"principal {principal.name!r}: {exc}") from None
         if permissions is not None:
             tags = (*managed_tags(namespace), *permissions.tags)
             name = broker_user(namespace, principal.name)
@@ -90,16 +95,16 @@ def build_plan(policy: Policy, namespace: str, vhost: str) -> Plan:
 def _permissions(policy: Policy, principal: Principal, notes: list[str]) -> UserPermissions | None:
     if principal.kind == "user":
         return None
-    patterns = subscribe_patterns(policy, principal)
     if principal.kind == "gateway":
         return gateway_permissions(_one_id(principal))
+    patterns = subscribe_patterns(policy, principal)
     if principal.kind == "operator":
         # A command's client id is random: {self} names nothing an operator can bind.
         dropped = [p for p in patterns if SELF in p]
         if dropped:
             notes.append(
-                f"principal {principal.name!r} (operator): {', '.join(dropped)} not "
-                f"provisioned: {SELF} is a mesh command's random client id"
+                f"principal {principal.name!r}: {', '.join(dropped)} not provisioned: an "
+                f"operator's {SELF} is a mesh command's random client id"
             )
         return operator_permissions(tail=[p for p in patterns if SELF not in p])
     if principal.delegates:
