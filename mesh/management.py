@@ -225,6 +225,17 @@ class ManagementAPI:
             for p in await self.call("GET", f"vhosts/{_part(vhost)}/topic-permissions") or []
         ]
 
+    async def exchanges(self, vhost: str) -> list[str]:
+        """The names of every exchange in ``vhost`` (the default one is ``""``)."""
+        found = await self.call("GET", f"exchanges/{_part(vhost)}?columns=name")
+        return [e["name"] for e in found or []]
+
+    async def import_definitions(self, definitions: Any, vhost: str | None = None) -> None:
+        """Import RabbitMQ definitions: server-wide, or into ``vhost`` (whose objects then
+        name no vhost).  What exists already is left as it is."""
+        path = "definitions" if vhost is None else f"definitions/{_part(vhost)}"
+        await self.call("POST", path, definitions)
+
 
 def _part(value: str) -> str:
     return quote(value, safe="")
