@@ -16,16 +16,20 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from agents_reliability import host, subscriber
+from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ChannelAccessRefused
 from click.testing import CliRunner, Result
+from helpers import running
 from hypothesis import assume, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from mesh import Settings, topology
+from behaviours import SubscriberBehaviour
+from mesh import Message, Settings, on, topology
 from mesh.cli import main
 from mesh.devservices import with_vhost
+from mesh.gateway import Gateway
 from mesh.management import ManagementAPI, PermissionInfo, vhost_of
 from mesh.policy import globs, parse_policy
 from mesh.policy.permissions import agent_permissions, shared_agent_permissions
@@ -266,6 +270,9 @@ async def test_provision_creates_users_with_tags_and_permissions(
         held = {(t.exchange, t.write, t.read) for t in topic_permissions if t.user == user.name}
         assert held == {(t.exchange, t.write, t.read) for t in p.topics}
     assert "management" in users[f"{ns}.mesh-cli"].tags
+    queues = {q.name for q in await api.queues(vhost)}
+    assert {"mesh.gateway", "mesh.dead", "mesh.retry.1000", "mesh.retry.30000"} <= queues
+    assert {"mesh.policy", "mesh.topic", "mesh.requeue"} <= set(await api.exchanges(vhost))
 
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o700
     assert (credentials / ".gitignore").read_text() == "*\n"
@@ -379,21 +386,12 @@ async def test_dry_run_prints_the_changes_and_makes_none(
     assert changes(await mesh_provision(settings, policy, "--credentials", credentials)) == []
 
 
-@pytest.fixture
-async def admin(settings: Settings) -> AsyncIterator[AbstractChannel]:
-    """A channel with every right on the test's vhost, where the mesh's exchanges exist."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    channel = await connection.channel()
-    await topology.declare_exchanges(channel)
-    yield channel
-    await connection.close()
-
-
 async def test_an_agent_connects_with_its_credentials(
-    settings: Settings, api: ManagementAPI, admin: AbstractChannel, tmp_path: Path
+    settings: Settings, api: ManagementAPI, tmp_path: Path
 ) -> None:
-    """v7 connects as the vehicles user from vehicles.env: it publishes through the gateway's
-    exchange only, and binds what {self} allows a vehicle."""
+    """v7 connects as the vehicles user from vehicles.env to the exchanges provisioning
+    declared: it publishes through the gateway's exchange only, and binds what {self} allows
+    a vehicle."""
     credentials = tmp_path / "creds"
     changes(await mesh_provision(settings, write_policy(tmp_path), "--credentials", credentials))
     connection = await aio_pika.connect(amqp_url(credentials, "vehicles"))
@@ -403,6 +401,35 @@ async def test_an_agent_connects_with_its_credentials(
         assert not await bind_refused(connection, "mesh.q.v7.cmd", "vehicle.v7.cmd")
         assert await bind_refused(connection, "mesh.q.v7.cmd", "vehicle.*.cmd")
         assert await bind_refused(connection, "mesh.q.monitor.cmd", "vehicle.v7.cmd")
+
+
+class Watch(SubscriberBehaviour):
+    @on("vehicle.#")
+    async def reading(self, msg: Message, payload: object) -> None:
+        host(self).seen.put_nowait(msg)
+
+
+async def test_a_provisioned_mesh_relays_under_its_users(
+    settings: Settings, api: ManagementAPI, tmp_path: Path
+) -> None:
+    """The gateway enforcing the policy, the monitor and v7, each under the user provisioned
+    for its principal: v7's reading reaches the monitor, sent as the vehicles user."""
+    policy, credentials = write_policy(tmp_path), tmp_path / "creds"
+    changes(await mesh_provision(settings, policy, "--credentials", credentials))
+
+    def under(principal: str) -> Settings:
+        return settings.model_copy(update={"amqp_url": amqp_url(credentials, principal)})
+
+    gateway = Gateway(settings=under("gateway").model_copy(update={"policy": str(policy)}))
+    monitor = subscriber(under("monitor"), Watch, agent_id="monitor")
+    v7 = subscriber(under("vehicles"), agent_id="v7")
+    async with running(gateway, monitor, v7):
+        await v7.publish("vehicle.v7.speed", {"kmh": 1})
+        reading = await asyncio.wait_for(monitor.seen.get(), 15)
+    assert (reading.topic, reading.user_id) == (
+        "vehicle.v7.speed",
+        f"{settings.namespace}.vehicles",
+    )
 
 
 async def test_definitions_import_into_a_fresh_vhost(

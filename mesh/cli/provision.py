@@ -9,7 +9,6 @@ import click
 
 from mesh.cli.common import example, settings_or_exit
 from mesh.cli.policy import load_policy_or_exit
-from mesh.config import Settings
 from mesh.management import ManagementAPI, ManagementError, vhost_of
 from mesh.provision import (
     CredentialStore,
@@ -19,6 +18,7 @@ from mesh.provision import (
     credentials_dir,
     definitions,
     dumps,
+    mesh_objects,
 )
 from mesh.provision import provision as provision_plan
 from mesh.provision.credentials import write_private
@@ -66,7 +66,9 @@ def provision(
     <namespace>.<principal> (MESH_NAMESPACE, default mesh), tagged mesh-managed and
     mesh-namespace:<namespace>, with permissions and topic permissions on the vhost of
     MESH_AMQP_URL.  A user without both tags, or of another namespace, is never touched.
-    Token users get none: they act through the bridge.
+    Token users get none: they act through the bridge.  The mesh's exchanges and queues
+    (retry queues of MESH_RETRY_DELAYS too), which agents may not declare, are declared
+    where missing.
 
     Passwords are generated once and kept in <principal>.env (MESH_AMQP_URL and
     MESH_NAMESPACE, mode 0600) in the credentials directory: rerunning keeps them.  Each
@@ -80,7 +82,9 @@ def provision(
     store = CredentialStore(credentials_dir(policy_file, credentials))
     api = None if no_broker else ManagementAPI.for_settings(settings)
     try:
-        plan = build_plan(compiled, settings.namespace, vhost_of(settings))
+        plan = build_plan(
+            compiled, settings.namespace, vhost_of(settings), objects=mesh_objects(settings)
+        )
         for note in plan.notes:
             click.echo(f"note: {note}")
         changes = asyncio.run(
@@ -105,17 +109,15 @@ def provision(
     if not changes:
         click.echo("nothing to change")
     if definitions_file is not None:
-        _definitions(Path(definitions_file), plan, store, settings, dry_run=dry_run)
+        _definitions(Path(definitions_file), plan, store, dry_run=dry_run)
     if dry_run:
         click.echo("dry run: nothing changed")
 
 
-def _definitions(
-    path: Path, plan: Plan, store: CredentialStore, settings: Settings, *, dry_run: bool
-) -> None:
+def _definitions(path: Path, plan: Plan, store: CredentialStore, *, dry_run: bool) -> None:
     """Write the definitions file when it would read otherwise, and say so."""
     try:
-        text = dumps(definitions(plan, store, settings))
+        text = dumps(definitions(plan, store))
     except ProvisionError as exc:
         if not dry_run:
             raise click.ClickException(str(exc)) from None

@@ -3,8 +3,9 @@
 ``build_plan`` turns a policy into the broker users it wants, one per principal that
 connects (``plan``); ``CredentialStore`` keeps their generated passwords
 (``credentials``); ``diff`` compares both with the broker (``read_state``) into changes;
-``provision`` makes them (``apply``); ``definitions`` is the same as a RabbitMQ
-definitions file for a broker to import at boot.
+``provision`` makes them (``apply``), and declares the mesh's exchanges and queues
+(``objects``) where missing; ``definitions`` is all of it as a RabbitMQ definitions file for
+a broker to import at boot.
 """
 
 from mesh.provision.apply import provision
@@ -12,6 +13,7 @@ from mesh.provision.credentials import Credentials, CredentialStore, credentials
 from mesh.provision.definitions import definitions, dumps
 from mesh.provision.diff import BrokerState, Change, diff, read_state
 from mesh.provision.errors import ProvisionError
+from mesh.provision.objects import MeshObjects, mesh_objects
 from mesh.provision.plan import (
     MANAGED_TAG,
     DesiredUser,
@@ -29,6 +31,7 @@ __all__ = [
     "CredentialStore",
     "Credentials",
     "DesiredUser",
+    "MeshObjects",
     "Plan",
     "ProvisionError",
     "broker_user",
@@ -39,6 +42,7 @@ __all__ = [
     "dumps",
     "managed_by",
     "managed_tags",
+    "mesh_objects",
     "provision",
     "read_state",
 ]

@@ -15,6 +15,7 @@ from mesh.provision.credentials import Credentials, CredentialStore
 from mesh.provision.diff import (
     Change,
     CreateVhost,
+    DeclareObjects,
     DeleteUser,
     PutUser,
     RemoveCredentials,
@@ -70,6 +71,8 @@ async def apply(
     match change:
         case CreateVhost():
             await api.create_vhost(change.vhost)
+        case DeclareObjects():
+            await api.import_definitions(change.objects.definitions(), change.vhost)
         case PutUser():
             kept = store.read(change.user.principal.name)
             if kept is None:  # diff writes credentials before the user they are for

@@ -14,19 +14,22 @@ from mesh.management import ManagementAPI, PermissionInfo, TopicPermissionInfo, 
 from mesh.policy.permissions import NOTHING
 from mesh.provision.credentials import Credentials, CredentialStore
 from mesh.provision.errors import ProvisionError
+from mesh.provision.objects import MeshObjects
 from mesh.provision.passwords import matches
 from mesh.provision.plan import DesiredUser, Plan, managed_by
 
 
 @dataclass(frozen=True)
 class BrokerState:
-    """What the broker holds: every user, and the permissions on the mesh's vhost."""
+    """What the broker holds: every user; the mesh's vhost's permissions, exchanges, queues."""
 
     vhost_exists: bool
     users: dict[str, UserInfo]
     permissions: dict[str, PermissionInfo]
     topic_permissions: dict[str, dict[str, TopicPermissionInfo]]
     """User → exchange → its topic permissions there."""
+    exchanges: frozenset[str] = frozenset()
+    queues: frozenset[str] = frozenset()
 
 
 async def read_state(api: ManagementAPI, vhost: str) -> BrokerState:
@@ -36,8 +39,14 @@ async def read_state(api: ManagementAPI, vhost: str) -> BrokerState:
     topics: dict[str, dict[str, TopicPermissionInfo]] = {}
     for topic in await api.topic_permissions(vhost):
         topics.setdefault(topic.user, {})[topic.exchange] = topic
-    permissions = {p.user: p for p in await api.permissions(vhost)}
-    return BrokerState(True, users, permissions, topics)
+    return BrokerState(
+        True,
+        users,
+        {p.user: p for p in await api.permissions(vhost)},
+        topics,
+        frozenset(await api.exchanges(vhost)),
+        frozenset(q.name for q in await api.queues(vhost)),
+    )
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,17 @@ class CreateVhost:
 
     def __str__(self) -> str:
         return f"create vhost {self.vhost}"
+
+
+@dataclass(frozen=True)
+class DeclareObjects:
+    """Import the mesh's exchanges and queues that are missing, and their bindings."""
+
+    vhost: str
+    objects: MeshObjects
+
+    def __str__(self) -> str:
+        return f"declare {', '.join(self.objects.names())} on vhost {self.vhost}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +149,7 @@ class RemoveCredentials:
 
 Change = (
     CreateVhost
+    | DeclareObjects
     | WriteCredentials
     | PutUser
     | SetPermissions
@@ -189,6 +210,9 @@ def _broker_changes(
     plan: Plan, state: BrokerState, passwords: dict[str, str | None]
 ) -> list[Change]:
     users: list[Change] = [] if state.vhost_exists else [CreateVhost(plan.vhost)]
+    missing = None if plan.objects is None else plan.objects.missing(state.exchanges, state.queues)
+    if missing is not None:
+        users.append(DeclareObjects(plan.vhost, missing))
     permissions: list[Change] = []
     for user in plan.users:
         existing = state.users.get(user.name)

@@ -21,6 +21,7 @@ from mesh.policy.permissions import (
 )
 from mesh.policy.topics import SELF, expand
 from mesh.provision.errors import ProvisionError
+from mesh.provision.objects import MeshObjects
 from mesh.topology import TopicError
 
 MANAGED_TAG = "mesh-managed"
@@ -64,12 +65,16 @@ class Plan:
     namespace: str
     vhost: str
     users: tuple[DesiredUser, ...]
+    objects: MeshObjects | None = None
+    """The mesh's exchanges and queues to declare where missing (``None``: leave them)."""
     notes: tuple[str, ...] = ()
     """What is provisioned, but perhaps not as the policy's author meant."""
 
 
-def build_plan(policy: Policy, namespace: str, vhost: str) -> Plan:
-    """The users ``policy`` wants for the mesh ``namespace`` on ``vhost``.
+def build_plan(
+    policy: Policy, namespace: str, vhost: str, *, objects: MeshObjects | None = None
+) -> Plan:
+    """The users ``policy`` wants for the mesh ``namespace`` on ``vhost``, and ``objects``.
 
     Agents (and the bridge) get ``shared_agent_permissions`` over the ids and globs their
     principal names, with the subscriptions its enforced rules allow (a delegating
@@ -89,7 +94,7 @@ def build_plan(policy: Policy, namespace: str, vhost: str) -> Plan:
             tags = (*managed_tags(namespace), *permissions.tags)
             name = broker_user(namespace, principal.name)
             users.append(DesiredUser(principal, name, tags, permissions))
-    return Plan(namespace, vhost, tuple(users), tuple(notes))
+    return Plan(namespace, vhost, tuple(users), objects, tuple(notes))
 
 
 def _permissions(policy: Policy, principal: Principal, notes: list[str]) -> UserPermissions | None:
