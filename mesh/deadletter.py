@@ -57,6 +57,9 @@ class DeadLetters:
         headers[H_DEAD_BY] = self.agent
         sender_id = mesh_id(incoming) if sender_id is None else sender_id
         copy = forwarded(incoming, headers, expiring=False, sender_id=sender_id)
+        # RabbitMQ refuses a user_id other than the connection's: whoever files the dead
+        # letter knows for sure who sent it (x-mesh-dead-by is only claimed).
+        copy.user_id = self.transport.user
         key = incoming.routing_key or ""
         # Mandatory: a dead letter the broker confirms into no queue would be gone for good.
         try:

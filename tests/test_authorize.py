@@ -15,11 +15,11 @@ from aio_pika.abc import AbstractIncomingMessage
 from helpers import running, take
 
 from behaviours import SubscriberBehaviour
-from mesh import Agent, Client, Message, RemoteError, Settings, on, rpc
-from mesh.envelope import H_ON_BEHALF_OF
+from mesh import Agent, Client, Message, RemoteError, Settings, on, rpc, topology
+from mesh.envelope import H_DEAD_BY, H_DEAD_BY_USER, H_ON_BEHALF_OF, to_amqp
 from mesh.gateway import Gateway
-from mesh.gateway.authorize import broker_user
 from mesh.management import ManagementAPI
+from mesh.policy import broker_user
 
 POLICY = """
 principals:
@@ -204,10 +204,14 @@ async def test_operators_control_agents_and_agents_do_not(
     async with running(Gateway(settings=gw), v7, v8, operator):
         [answer] = await operator.control("v7", "ping", timeout=10, expect=1)
         assert answer.app_id == "v7"
-        # An ordinary agent cannot tell another to shut down: the gateway refuses it at once.
+        # An ordinary agent cannot tell another, or every agent, to shut down: the gateway
+        # refuses it at once.
         [refusal] = await v8.control("v7", "shutdown", timeout=10, expect=1)
         assert refusal.payload["type"] == "Denied"
-        assert not v7.should_stop
+        [refusal] = await v8.control("_all", "shutdown", timeout=10, expect=1)
+        assert refusal.payload["type"] == "Denied"
+        assert "_ctl._all.shutdown" in refusal.payload["error"]
+        assert not v7.should_stop and not v8.should_stop
 
 
 async def test_without_a_policy_the_gateway_says_identities_are_not_enforced(
@@ -217,3 +221,24 @@ async def test_without_a_policy_the_gateway_says_identities_are_not_enforced(
     async with running(Gateway(settings=settings)):
         pass
     assert any("open mode" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_dead_letter_names_the_broker_user_that_sent_it(
+    settings: Settings, as_principal: Callable[[str], Settings]
+) -> None:
+    """``x-mesh-dead-by`` is claimed; ``x-mesh-dead-by-user`` is the user RabbitMQ verified,
+    so a dead letter forged in another agent's name shows who really sent it."""
+    gw, vehicles = as_principal("gateway"), as_principal("vehicles")
+    monitor = as_principal("monitor")
+    await provision(settings, gw, vehicles, monitor)
+    v7 = Vehicle("v7", settings=vehicles)
+    forger = Agent("monitor", settings=monitor)
+    async with running(Gateway(settings=gw), v7, forger), peek(settings) as broker:
+        forged = forger._message("vehicle.v7.speed", {"kmh": 1})
+        amqp = to_amqp(forged, user_id=forger.transport.user)
+        amqp.headers[H_DEAD_BY] = "v7"
+        await forger.transport.publish(topology.DEAD_LETTER_EXCHANGE, "vehicle.v7.speed", amqp)
+        dead = await _dead_letter_of(broker, forged.message_id)
+    headers = dead.headers or {}
+    assert headers[H_DEAD_BY] == "v7"  # the claim
+    assert headers[H_DEAD_BY_USER] == broker_user(settings.namespace, "monitor")  # the truth

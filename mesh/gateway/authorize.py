@@ -23,6 +23,7 @@ from mesh.envelope import H_ON_BEHALF_OF
 from mesh.gateway.pipeline import Denied, Passage
 from mesh.policy import Policy
 from mesh.policy.model import Action
+from mesh.policy.users import broker_user
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,6 @@ _ACTIONS: dict[str, Action] = {
     "_err": "reply",
     "_ctl": "control",
 }
-
-
-def broker_user(namespace: str, principal: str) -> str:
-    """The RabbitMQ user provisioned for ``principal`` in the mesh ``namespace``.
-
-    Broker users are server-wide: the namespace keeps two meshes on one broker apart.
-    """
-    return f"{namespace}.{principal}"
 
 
 class Authorize:

@@ -10,7 +10,7 @@ from mesh import topology
 from mesh.behaviour import Behaviour
 from mesh.bindings import Binding
 from mesh.deadcounts import MESH_REASON, DeadLetterCounts, death_of, describe
-from mesh.envelope import H_QUEUE, H_REASON, forwarded
+from mesh.envelope import H_DEAD_BY_USER, H_QUEUE, H_REASON, forwarded
 from mesh.membership import REDIS_DOWN
 from mesh.transport import Unroutable, ack
 
@@ -49,6 +49,10 @@ class DeadLetterFiler(Behaviour):
     async def handle_delivery(self, incoming: AbstractIncomingMessage) -> None:
         queue, reason = death_of(incoming)
         headers = dict(incoming.headers or {})
+        # Who sent it, as the broker verified it: an agent cannot file a dead letter in
+        # another's name (x-mesh-dead-by is its claim; a broker dead letter keeps the
+        # original publisher's user).
+        headers[H_DEAD_BY_USER] = incoming.user_id or ""
         if reason != MESH_REASON:
             # The broker's x-death does not survive a publish: say where and why in the
             # mesh's own headers, as every dead letter an agent sends does.

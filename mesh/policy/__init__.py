@@ -14,6 +14,7 @@ from mesh.policy.model import ACTIONS, KINDS, MODES, Action, Kind, Mode, PolicyF
 from mesh.policy.policy import BROKER_ACTIONS, Policy, Principal
 from mesh.policy.tokens import TokenError, TokenRecord, TokenStore, tokens_path
 from mesh.policy.topics import covers
+from mesh.policy.users import broker_user
 
 __all__ = [
     "ACTIONS",
@@ -33,6 +34,7 @@ __all__ = [
     "TokenError",
     "TokenRecord",
     "TokenStore",
+    "broker_user",
     "covers",
     "load_policy",
     "parse_policy",

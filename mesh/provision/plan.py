@@ -20,6 +20,7 @@ from mesh.policy.permissions import (
     shared_agent_permissions,
 )
 from mesh.policy.topics import SELF, expand
+from mesh.policy.users import broker_user
 from mesh.provision.errors import ProvisionError
 from mesh.provision.objects import MeshObjects
 from mesh.topology import TopicError
@@ -28,11 +29,6 @@ MANAGED_TAG = "mesh-managed"
 """On every user some mesh's provisioning made (an administrator can list them all)."""
 NAMESPACE_TAG = "mesh-namespace:"
 """Followed by the namespace of the mesh whose provisioning made the user."""
-
-
-def broker_user(namespace: str, principal: str) -> str:
-    """The RabbitMQ user of ``principal`` in the mesh ``namespace``."""
-    return f"{namespace}.{principal}"
 
 
 def managed_tags(namespace: str) -> tuple[str, str]:
