@@ -6,6 +6,9 @@ Run a gateway, two vehicles and a monitor (what ``make demo`` does):
     mesh run examples.vehicles:Vehicle --id v7 &
     mesh run examples.vehicles:Vehicle --id v8 &
     mesh run examples.vehicles:Monitor --id monitor
+
+``mesh demo`` runs them provisioned from ``examples/policy.yaml``, each process as its
+principal's broker user, with an ``Intruder`` whose spoofed reading the gateway denies.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import random
 
 from pydantic import BaseModel
 
-from behaviours import PeriodicBehaviour, SubscriberBehaviour
+from behaviours import OneShotBehaviour, PeriodicBehaviour, SubscriberBehaviour
 from mesh import Agent, Message, on, rpc
 
 
@@ -86,3 +89,17 @@ class Watch(SubscriberBehaviour):
 class Monitor(Agent):
     capabilities = ["monitoring"]
     behaviours = [Watch]
+
+
+class Spoof(OneShotBehaviour):
+    """Sends one reading in another vehicle's name: the demo policy lets a vehicle speak for
+    itself only, so the gateway denies it and tells this agent why."""
+
+    async def run(self) -> None:
+        await self.publish("vehicle.v7.speed", Reading(vehicle="v7", speed_kmh=300.0))
+
+
+class Intruder(Agent):
+    """A vehicle that tries to speak for another (``mesh demo`` runs one as ``v9``)."""
+
+    behaviours = [Spoof]

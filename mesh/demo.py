@@ -1,28 +1,71 @@
-"""The demo mesh behind ``mesh demo``: real processes, their output interleaved."""
+"""The demo mesh behind ``mesh demo``: provisioned from a policy, real processes, their output
+interleaved."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
+from pathlib import Path
 
-DEMO_PROCESSES: list[tuple[str, list[str]]] = [
-    ("gateway", ["gateway"]),
-    ("v7", ["run", "examples.vehicles:Vehicle", "--id", "v7"]),
-    ("v8", ["run", "examples.vehicles:Vehicle", "--id", "v8"]),
-    ("monitor", ["run", "examples.vehicles:Monitor", "--id", "monitor"]),
+from mesh.provision import CredentialStore, credentials_dir
+
+DEMO_POLICY = Path("examples/policy.yaml")
+
+DEMO_PROCESSES: list[tuple[str, str, list[str]]] = [
+    # (name, principal it runs as, mesh command)
+    ("gateway", "gateway", ["gateway"]),
+    ("v7", "vehicles", ["run", "examples.vehicles:Vehicle", "--id", "v7"]),
+    ("v8", "vehicles", ["run", "examples.vehicles:Vehicle", "--id", "v8"]),
+    ("monitor", "monitor", ["run", "examples.vehicles:Monitor", "--id", "monitor"]),
+    ("v9", "vehicles", ["run", "examples.vehicles:Intruder", "--id", "v9"]),
 ]
 
 
 async def _pipe(name: str, stream: asyncio.StreamReader) -> None:
     async for line in stream:
-        sys.stdout.write(f"[{name:>7}] {line.decode(errors='replace')}")
+        sys.stdout.write(f"[{name:>9}] {line.decode(errors='replace')}")
         sys.stdout.flush()
 
 
-async def run_demo(seconds: float = 0.0) -> int:
-    """Start the demo processes; stop them all on Ctrl+C, SIGTERM or after ``seconds``."""
+async def _mesh(name: str, args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mesh.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    return process
+
+
+def _principal_env(store: CredentialStore, principal: str) -> dict[str, str]:
+    """The variables ``mesh provision`` wrote for ``principal`` (its broker user's URL)."""
+    text = store.text(principal) or ""
+    return dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#"
+    )
+
+
+async def _provision(policy: Path) -> bool:
+    process = await _mesh("provision", ["provision", str(policy)], dict(os.environ))
+    assert process.stdout is not None
+    await _pipe("provision", process.stdout)
+    return await process.wait() == 0
+
+
+async def run_demo(seconds: float = 0.0, policy: Path = DEMO_POLICY) -> int:
+    """Provision the demo policy, start the demo processes, each as its principal's broker
+    user; stop them all on Ctrl+C, SIGTERM or after ``seconds``."""
+    if not await _provision(policy):
+        sys.stdout.write("demo: provisioning failed (see above)\n")
+        return 1
+    store = CredentialStore(credentials_dir(policy))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -30,22 +73,15 @@ async def run_demo(seconds: float = 0.0) -> int:
     processes: list[asyncio.subprocess.Process] = []
     pipes: list[asyncio.Task[None]] = []
     try:
-        for name, args in DEMO_PROCESSES:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "mesh.cli",
-                *args,
-                "--log-level",
-                "warning",
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
+        for name, principal, args in DEMO_PROCESSES:
+            env = {**os.environ, **_principal_env(store, principal), "MESH_POLICY": str(policy)}
+            process = await _mesh(name, [*args, "--log-level", "warning"], env)
             assert process.stdout is not None
             processes.append(process)
             pipes.append(asyncio.create_task(_pipe(name, process.stdout)))
         sys.stdout.write(
-            "demo mesh running: gateway, vehicles v7 and v8, monitor (Ctrl+C to stop)\n"
+            f"demo mesh running under {policy}: gateway, vehicles v7 and v8, monitor, and v9, "
+            "which tries to speak for v7 (Ctrl+C to stop)\n"
         )
         sys.stdout.flush()
         exited = asyncio.ensure_future(
@@ -72,7 +108,7 @@ async def run_demo(seconds: float = 0.0) -> int:
         await asyncio.gather(*pipes, return_exceptions=True)
     failed = [
         name
-        for (name, _), p in zip(DEMO_PROCESSES, processes, strict=False)
+        for (name, _, _), p in zip(DEMO_PROCESSES, processes, strict=False)
         if p.returncode not in (0, -signal.SIGTERM)
     ]
     if failed:

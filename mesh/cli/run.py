@@ -94,9 +94,15 @@ def gateway(agent_id: str, instance: str | None, log_level: str, migrate_queues:
 @click.command(epilog=example("mesh demo", "mesh demo --seconds 30"))
 @click.option("--seconds", default=0.0, help="Stop after this long (default: until Ctrl+C).")
 def demo(seconds: float) -> None:
-    """Run the demo mesh: a gateway, two vehicles and a monitor, as separate processes."""
-    from mesh.demo import run_demo
+    """Run the demo mesh, provisioned from examples/policy.yaml: a gateway, two vehicles, a
+    monitor and an intruder whose spoofed reading the gateway denies, as separate processes,
+    each as its principal's broker user."""
+    from mesh.demo import DEMO_POLICY, run_demo
 
+    if not DEMO_POLICY.is_file():
+        raise click.ClickException(
+            f"{DEMO_POLICY} not found: run `mesh demo` (or `make demo`) from the repository"
+        )
     try:
         code = asyncio.run(run_demo(seconds))
     except KeyboardInterrupt:
