@@ -59,7 +59,7 @@ def test_run_names_the_missing_class_and_the_modules_agents() -> None:
     result = mesh("run", "examples.vehicles:Vehicel", "--id", "v1")
     assert result.returncode == 2
     assert "module 'examples.vehicles' has no 'Vehicel'" in result.stderr
-    assert "Agent classes in it: Monitor, Vehicle" in result.stderr
+    assert "Agent classes in it: Intruder, Monitor, Vehicle" in result.stderr
     assert "Traceback" not in result.stderr
 
 
