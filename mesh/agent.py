@@ -152,7 +152,7 @@ class Agent(Service):
         self.shutdown_timeout = self.settings.shutdown_timeout
         self.transport = Transport(self.settings, f"{self.id}/{self.instance}")
         self.dead_letters = DeadLetters(self.transport, self.id)
-        self.retries = Retries(self.transport)
+        self.retries = Retries(self.transport, self.id)
         self.started_at = datetime.now(UTC)
         # One attempt per call, whatever the URL asks: each redis-py retry waits a timeout more,
         # and the callers retry themselves (heartbeats) or must know the call failed (state).
@@ -221,6 +221,7 @@ class Agent(Service):
         self.started_at = datetime.now(UTC)
         await self.transport.connect()
         await self._ensure_topology()
+        await self._declare_requeue_exchange()
         await self._open_inbox()
         if self._state is not None:
             await self._state.try_restore()
@@ -255,6 +256,14 @@ class Agent(Service):
         channel = await self.transport.open_channel()
         try:
             await topology.check_exchanges(channel)
+        finally:
+            await settle(channel.close())
+
+    async def _declare_requeue_exchange(self) -> None:
+        """This agent's own requeue exchange, which its queues bind (any user may)."""
+        channel = await self.transport.open_channel()
+        try:
+            await topology.declare_requeue_exchange(channel, self.id)
         finally:
             await settle(channel.close())
 

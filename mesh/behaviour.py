@@ -282,7 +282,10 @@ class Behaviour:
     def bindings(self) -> list[Binding]:
         """Every binding ``declare_queue`` makes; a start removes those a former one made."""
         found = [Binding(topology.delivery_exchange(key), key) for key in self.binding_keys]
-        return [*found, Binding(topology.REQUEUE_EXCHANGE, topology.requeue_key(self.queue_name))]
+        requeue = Binding(
+            topology.requeue_exchange(self.agent.id), topology.requeue_key(self.queue_name)
+        )
+        return [*found, requeue]
 
     @property
     def queue_name(self) -> str:

@@ -1,8 +1,8 @@
 """Retries: a message whose handler failed waits in a delay queue, then returns to its queue.
 
-The copy goes to ``mesh.retry`` (never back through ``mesh.policy``, which would deliver
-it to every subscriber again) and comes back to the one queue it failed in; see
-``topology.declare_retry_queue``.
+The copy goes to the agent's own retry exchange (never back through ``mesh.policy``, which
+would deliver it to every subscriber again) and comes back to the one queue it failed in;
+see ``topology.declare_retry_path``.
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ from __future__ import annotations
 import logging
 
 from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import ChannelNotFoundEntity
-from aiormq.exceptions import ChannelAccessRefused
 
 from mesh import topology
 from mesh.envelope import H_ATTEMPT, H_DELIVERY_COUNT, forwarded, mesh_id
-from mesh.topology import TopologyError
 from mesh.transport import Transport, Unroutable, settle
 
 logger = logging.getLogger(__name__)
@@ -28,8 +25,9 @@ class Retries:
     itself, since the broker's delivery count also counts hand-backs and reconnects.
     """
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, agent: str) -> None:
         self.transport = transport
+        self.agent = agent
         self._declared: set[int] = set()
 
     async def send(
@@ -42,35 +40,24 @@ class Retries:
         headers[H_ATTEMPT] = attempt
         copy = forwarded(incoming, headers, expiring=False)
         key = topology.retry_key(delay_ms, queue)
+        exchange = topology.retry_exchange(self.agent)
         await self._declare(delay_ms)
         try:
-            await self.transport.publish(topology.RETRY_EXCHANGE, key, copy, mandatory=True)
+            await self.transport.publish(exchange, key, copy, mandatory=True)
         except Unroutable:
             # Someone deleted the delay queue since this instance declared it.
             self._declared.discard(delay_ms)
             await self._declare(delay_ms)
-            await self.transport.publish(topology.RETRY_EXCHANGE, key, copy, mandatory=True)
+            await self.transport.publish(exchange, key, copy, mandatory=True)
         logger.debug("retry of %s to %s in %d ms", mesh_id(incoming), queue, delay_ms)
 
     async def _declare(self, delay_ms: int) -> None:
-        """Declare the delay queue once per instance; a provisioned agent, whose user may
-        not declare it, checks it exists (provisioning declares the settings' delays)."""
+        """Declare the delay queue once per instance (the agent's own: its broker user may)."""
         if delay_ms in self._declared:
             return
         channel = await self.transport.open_channel()
         try:
-            await topology.declare_retry_queue(channel, delay_ms)
-        except ChannelAccessRefused:
-            await settle(channel.close())
-            channel = await self.transport.open_channel()
-            try:
-                await channel.declare_queue(topology.retry_queue(delay_ms), passive=True)
-            except ChannelNotFoundEntity:
-                raise TopologyError(
-                    f"no retry queue for a delay of {delay_ms} ms, and this agent may not "
-                    "declare one: add the delay to MESH_RETRY_DELAYS where the mesh is "
-                    "provisioned (`mesh provision`)"
-                ) from None
+            await topology.declare_retry_path(channel, self.agent, delay_ms)
         finally:
             await settle(channel.close())
         self._declared.add(delay_ms)

@@ -33,8 +33,6 @@ DEAD_LETTER_QUEUE = "mesh.dead"
 DEAD_LETTER_INCOMING = "mesh.dead.incoming"
 FILING_EXCHANGE = "mesh.dead.filing"
 """Fanout to the ``mesh.dead`` stream; a filed dead letter keeps its original routing key."""
-RETRY_EXCHANGE = "mesh.retry"
-REQUEUE_EXCHANGE = "mesh.requeue"
 
 BACKSTOP_DELIVERIES = 100
 """The broker's own delivery limit on behaviour queues: far above any ``max_deliveries``.
@@ -202,18 +200,28 @@ def broadcast_queue(agent: str, instance: str, behaviour: str) -> str:
     return f"mesh.i.{agent}.{instance}.{behaviour}"
 
 
-def retry_queue(delay_ms: int) -> str:
-    """The queue that holds retried messages for ``delay_ms`` before they go back."""
-    return f"mesh.retry.{delay_ms}"
+def retry_exchange(agent: str) -> str:
+    """Where ``agent``'s behaviours publish retry copies (its own: see ``declare_retry_path``)."""
+    return f"mesh.q.{agent}._retry"
+
+
+def retry_queue(agent: str, delay_ms: int) -> str:
+    """The queue that holds ``agent``'s retried messages for ``delay_ms`` before they go back."""
+    return f"mesh.q.{agent}._retry.{delay_ms}"
+
+
+def requeue_exchange(agent: str) -> str:
+    """Where ``agent``'s retried messages come back; its queues are bound by name."""
+    return f"mesh.q.{agent}._requeue"
 
 
 def requeue_key(queue: str) -> str:
-    """The binding on ``mesh.requeue`` that brings ``queue``'s retried messages back."""
+    """The binding on its agent's requeue exchange that brings ``queue``'s retries back."""
     return f"*.{queue}"
 
 
 def retry_key(delay_ms: int, queue: str) -> str:
-    """Routing key on ``mesh.retry``: which delay, and which queue the message returns to."""
+    """Routing key of a retry copy: which delay, and which queue the message returns to."""
     return f"{delay_ms}.{queue}"
 
 
@@ -271,18 +279,8 @@ async def declare_exchanges(
             INTERNAL_POLICY_EXCHANGE,
             INTERNAL_EXCHANGE,
             DEAD_LETTER_EXCHANGE,
-            RETRY_EXCHANGE,
         )
     }
-    # A retry copy whose queue is gone (deleted, or a broadcast queue that expired) would
-    # otherwise wait in its delay queue for ever: at-least-once dead-lettering keeps what it
-    # cannot route.  The alternate exchange sends it to mesh.dead instead.
-    exchanges[REQUEUE_EXCHANGE] = await channel.declare_exchange(
-        REQUEUE_EXCHANGE,
-        aio_pika.ExchangeType.TOPIC,
-        durable=True,
-        arguments={"alternate-exchange": DEAD_LETTER_EXCHANGE},
-    )
     gateway = await declare_gateway_queue(channel)
     await gateway.bind(exchanges[POLICY_EXCHANGE], "#")
     internal = await declare_internal_gateway_queue(channel)
@@ -304,8 +302,6 @@ SHARED_EXCHANGES = (
     INTERNAL_POLICY_EXCHANGE,
     INTERNAL_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
-    RETRY_EXCHANGE,
-    REQUEUE_EXCHANGE,
 )
 """The exchanges every agent publishes to or binds on."""
 
@@ -474,26 +470,49 @@ async def declare_inbox(
     return queue
 
 
-async def declare_retry_queue(channel: AbstractChannel, delay_ms: int) -> AbstractQueue:
-    """Declare the queue that holds retried messages for ``delay_ms`` milliseconds.
+async def declare_requeue_exchange(channel: AbstractChannel, agent: str) -> AbstractExchange:
+    """Declare ``agent``'s requeue exchange, where its retried messages come back.
 
-    A retried message is published to ``mesh.retry`` with the key ``<delay>.<queue>``;
-    it waits here until its TTL runs out, and the broker dead-letters it to
-    ``mesh.requeue`` under the same key, where its behaviour queue is bound by name.
-    Dead-lettering is at-least-once (the broker keeps the message until the behaviour
-    queue confirmed it), so a broker failure mid-way duplicates rather than loses it.
+    A retry copy whose queue is gone (deleted, or a broadcast queue that expired) would
+    otherwise wait in its delay queue for ever: at-least-once dead-lettering keeps what it
+    cannot route.  The alternate exchange sends it to ``mesh.dlx`` instead.
     """
+    return await channel.declare_exchange(
+        requeue_exchange(agent),
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": DEAD_LETTER_EXCHANGE},
+    )
+
+
+async def declare_retry_path(channel: AbstractChannel, agent: str, delay_ms: int) -> None:
+    """Declare ``agent``'s retry exchange and its queue for ``delay_ms`` milliseconds.
+
+    A retried message is published to the agent's ``…._retry`` exchange with the key
+    ``<delay>.<queue>``; it waits in ``…._retry.<delay>`` until its TTL runs out, and the
+    broker dead-letters it to the agent's ``…._requeue`` exchange under the same key,
+    where the queue it failed in is bound by name.  Dead-lettering is at-least-once (the
+    broker keeps the message until the behaviour queue confirmed it), so a broker failure
+    mid-way duplicates rather than loses it.
+
+    Why per agent, under its own queue prefix: RabbitMQ's permissions name resources, not
+    kinds, so an agent may declare an exchange under its prefix; with a *shared* retry
+    exchange as its alternate exchange that routed any key past the gateway into any
+    agent's queue.  Each agent's path is its own, and nobody else may write to it.
+    """
+    exchange = await channel.declare_exchange(
+        retry_exchange(agent), aio_pika.ExchangeType.TOPIC, durable=True
+    )
     queue = await _declare_queue(
         channel,
-        retry_queue(delay_ms),
+        retry_queue(agent, delay_ms),
         durable=True,
         arguments={
             "x-queue-type": "quorum",
             "x-message-ttl": delay_ms,
-            "x-dead-letter-exchange": REQUEUE_EXCHANGE,
+            "x-dead-letter-exchange": requeue_exchange(agent),
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         },
     )
-    await queue.bind(RETRY_EXCHANGE, f"{delay_ms}.#")
-    return queue
+    await queue.bind(exchange, f"{delay_ms}.#")

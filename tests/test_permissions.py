@@ -216,11 +216,14 @@ def topic(permissions: UserPermissions, exchange: str) -> tuple[str, str]:
 
 def test_agent_permissions_name_only_its_own_queues() -> None:
     v7 = agent_permissions("v7", ["vehicle.#"])
-    for name in ("mesh.q.v7.tracker", "mesh.q.v7.rpc", "mesh.i.v7.i1._inbox-1", "mesh.i.v7.i1.b"):
+    own = ("mesh.q.v7.tracker", "mesh.q.v7.rpc", "mesh.i.v7.i1._inbox-1", "mesh.i.v7.i1.b")
+    # Its retry path is its own too (topology.declare_retry_path).
+    retry_path = ("mesh.q.v7._retry", "mesh.q.v7._retry.1000", "mesh.q.v7._requeue")
+    for name in (*own, *retry_path):
         assert all(re.search(r, name) for r in (v7.configure, v7.write, v7.read)), name
     for name in ("mesh.q.v70.b", "mesh.q.v8.b", "mesh.q.v7", "xmesh.q.v7.b", "mesh.gateway"):
         assert not any(re.search(r, name) for r in (v7.configure, v7.write, v7.read)), name
-    exchanges = ["mesh.policy", "mesh.policy.internal", "mesh.dlx", "mesh.retry"]
+    exchanges = ["mesh.policy", "mesh.policy.internal", "mesh.dlx"]
     assert [e for e in [*exchanges, "mesh.topic", "mesh.internal"] if re.search(v7.write, e)] == (
         exchanges
     )
@@ -232,8 +235,6 @@ def test_agent_topic_permissions() -> None:
     policy_write, _ = topic(v7, topology.POLICY_EXCHANGE)
     internal_write, _ = topic(v7, topology.INTERNAL_POLICY_EXCHANGE)
     _, internal_read = topic(v7, topology.INTERNAL_EXCHANGE)
-    retry_write, _ = topic(v7, topology.RETRY_EXCHANGE)
-    _, requeue_read = topic(v7, topology.REQUEUE_EXCHANGE)
     assert topic(v7, topology.TOPIC_EXCHANGE) == (NOTHING, covering_regex(["vehicle.*.speed"]))
     assert topic(v7, topology.DEAD_LETTER_EXCHANGE) == (ANY, NOTHING)
     cases = [
@@ -256,13 +257,6 @@ def test_agent_topic_permissions() -> None:
         (internal_read, "_reply.v8.i1", False),
         (internal_read, "_req.v7.#", False),
         (internal_read, "_req.#", False),
-        (retry_write, "5000.mesh.q.v7.tracker", True),
-        (retry_write, "5000.mesh.i.v7.i1.b", True),
-        (retry_write, "5000.mesh.q.v8.tracker", False),
-        (retry_write, "x.mesh.q.v7.tracker", False),
-        (requeue_read, "*.mesh.q.v7.tracker", True),
-        (requeue_read, "*.mesh.q.v8.tracker", False),
-        (requeue_read, "#", False),
     ]
     assert [(k, re.search(r, k) is not None) for r, k, _ in cases] == [(k, a) for _, k, a in cases]
 
@@ -527,24 +521,40 @@ async def test_agent_cannot_touch_another_agents_queue(
     }
 
 
-async def test_retry_copies_only_for_its_own_queues(login: Login, admin: AbstractChannel) -> None:
-    await topology.declare_retry_queue(admin, 60_000)
+async def test_retry_copies_only_through_its_own_retry_path(
+    login: Login, admin: AbstractChannel
+) -> None:
+    """An agent declares and uses its own retry path; another agent's it may not touch."""
+    await topology.declare_retry_path(admin, "v8", 60_000)
+    await topology.declare_requeue_exchange(admin, "v8")
     v7 = await login(agent_permissions("v7", []))
+
+    async def own_path(channel: AbstractChannel) -> None:
+        await topology.declare_requeue_exchange(channel, "v7")
+        await topology.declare_retry_path(channel, "v7", 60_000)
+
+    async def dead_letter_into_v8(channel: AbstractChannel) -> None:
+        await channel.declare_queue(
+            "mesh.q.v7.sneak", arguments={"x-dead-letter-exchange": "mesh.q.v8._requeue"}
+        )
+
     assert await outcomes(
         v7,
         {
-            "own": publish("mesh.retry", "60000.mesh.q.v7.b"),
-            "another's": publish("mesh.retry", "60000.mesh.q.v8.b"),
-            "requeue own": bind("mesh.q.v7.b", "mesh.requeue", "*.mesh.q.v7.b"),
-            "requeue another's": bind("mesh.q.v7.b", "mesh.requeue", "*.mesh.q.v8.b"),
-            "requeue all": bind("mesh.q.v7.b", "mesh.requeue", "#"),
+            "own path": own_path,
+            "own": publish("mesh.q.v7._retry", "60000.mesh.q.v7.b"),
+            "another's": publish("mesh.q.v8._retry", "60000.mesh.q.v8.b"),
+            "requeue own": bind("mesh.q.v7.b", "mesh.q.v7._requeue", "*.mesh.q.v7.b"),
+            "requeue another's": bind("mesh.q.v7.b", "mesh.q.v8._requeue", "*.mesh.q.v8.b"),
+            "dead-letter into another's": dead_letter_into_v8,
         },
     ) == {
+        "own path": "ok",
         "own": "ok",
         "another's": "refused",
         "requeue own": "ok",
         "requeue another's": "refused",
-        "requeue all": "refused",
+        "dead-letter into another's": "refused",
     }
 
 
@@ -579,25 +589,32 @@ async def test_operator_tails_and_sends_commands(login: Login, admin: AbstractCh
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RabbitMQ checks topic permissions only on the exchange published to: an exchange "
-    "an agent declares under its own queue prefix, with mesh.retry as its alternate exchange "
-    "(or bound to it), routes any key into mesh.retry, and so into any agent's queue",
-)
-async def test_an_exchange_of_its_own_cannot_route_into_mesh_retry(
+async def test_an_exchange_of_its_own_cannot_route_into_another_agents_retry_path(
     login: Login, admin: AbstractChannel
 ) -> None:
-    delay = await topology.declare_retry_queue(admin, 60_000)
+    """RabbitMQ's permissions name resources, not kinds, so an agent may declare an exchange
+    under its own prefix; with a shared retry exchange as its alternate exchange (or bound
+    to it) that once routed any key past the gateway into any agent's queue.  Retry paths
+    are per agent now: naming another's as alternate exchange, or binding to it, is refused."""
+    await topology.declare_retry_path(admin, "v8", 60_000)
+    delay = await admin.get_queue(topology.retry_queue("v8", 60_000), ensure=False)
     v7 = await login(agent_permissions("v7", []))
 
-    async def smuggle(channel: AbstractChannel) -> None:
+    async def alternate(channel: AbstractChannel) -> None:
         trap = await channel.declare_exchange(
-            "mesh.q.v7.trap", arguments={"alternate-exchange": topology.RETRY_EXCHANGE}
+            "mesh.q.v7.trap", arguments={"alternate-exchange": topology.retry_exchange("v8")}
         )
         await trap.publish(aio_pika.Message(b"{}"), "60000.mesh.q.v8.b")
 
-    await outcome(v7, smuggle)
+    async def bound(channel: AbstractChannel) -> None:
+        trap = await channel.declare_exchange("mesh.q.v7.trap2")
+        target = await channel.get_exchange(topology.retry_exchange("v8"), ensure=False)
+        await target.bind(trap, "#")
+
+    assert await outcomes(v7, {"alternate": alternate, "bound": bound}) == {
+        "alternate": "refused",
+        "bound": "refused",
+    }
     assert await delay.get(fail=False) is None
 
 
@@ -643,7 +660,6 @@ async def test_an_agent_runs_under_its_compiled_permissions(
     """Started under ``agent_permissions`` (after the topology exists), an agent checks the
     exchanges instead of declaring them, declares and binds its own queues, publishes through
     the gateway, and retries through a delay queue provisioning declared."""
-    await topology.declare_retry_queue(admin, 50)
     gateway = Gateway(settings=settings.model_copy(
         update={"amqp_url": await users(gateway_permissions())}
     ))

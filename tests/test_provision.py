@@ -107,8 +107,8 @@ def test_glob_principal_shares_one_user_among_its_agents_only() -> None:
         (topics["mesh.internal"].read, "_ctl._all.*", True),
         (topics["mesh.internal"].read, "_req.v99.status", False),
         (topics["mesh.internal"].read, "_req.*.status", False),
-        (topics["mesh.retry"].write, "5000.mesh.q.v7.tracker", True),
-        (topics["mesh.retry"].write, "5000.mesh.q.v99.tracker", False),
+        (shared.configure, "mesh.q.v7._retry", True),  # its own retry path
+        (shared.configure, "mesh.q.v99._retry", False),
     ]
     assert [(k, re.search(r, k) is not None) for r, k, _ in cases] == [(k, a) for _, k, a in cases]
     assert "{" not in "".join(t.read + t.write for t in shared.topics)  # RabbitMQ expands {…}
@@ -271,8 +271,8 @@ async def test_provision_creates_users_with_tags_and_permissions(
         assert held == {(t.exchange, t.write, t.read) for t in p.topics}
     assert "management" in users[f"{ns}.mesh-cli"].tags
     queues = {q.name for q in await api.queues(vhost)}
-    assert {"mesh.gateway", "mesh.dead", "mesh.retry.1000", "mesh.retry.30000"} <= queues
-    assert {"mesh.policy", "mesh.topic", "mesh.requeue"} <= set(await api.exchanges(vhost))
+    assert {"mesh.gateway", "mesh.dead", "mesh.dead.incoming"} <= queues
+    assert {"mesh.policy", "mesh.topic", "mesh.dead.filing"} <= set(await api.exchanges(vhost))
 
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o700
     assert (credentials / ".gitignore").read_text() == "*\n"
@@ -457,8 +457,6 @@ async def test_definitions_import_into_a_fresh_vhost(
         async with await aio_pika.connect(fresh.amqp_url) as connection:
             channel = await connection.channel()
             await topology.declare_exchanges(channel)
-            for delay in fresh.retry_delays:
-                await topology.declare_retry_queue(channel, round(delay * 1000))
         again = await mesh_provision(fresh, policy, "--credentials", credentials)
         assert changes(again) == []
     finally:

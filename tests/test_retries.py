@@ -1,4 +1,4 @@
-"""Handler failures: counted by the mesh, retried after a delay through ``mesh.retry``,
+"""Handler failures: counted by the mesh, retried after a delay through the agent's retry path,
 dead-lettered with the reason after ``max_deliveries``; hand-backs and stops lose nothing."""
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Bystander(SubscriberBehaviour):
 async def test_a_retry_waits_in_a_delay_queue_and_reaches_only_the_failed_queue(
     settings: Settings,
 ) -> None:
-    """A failed message waits in ``mesh.retry.<ms>`` (the delay growing per attempt) and
+    """A failed message waits in ``mesh.q.<agent>._retry.<ms>`` (the delay growing per attempt) and
     comes back to the queue it failed in; other subscribers of its topic see it once."""
     failing = subscriber(settings, Slow, agent_id="failing")
     other = subscriber(settings, Bystander, agent_id="other")
@@ -115,7 +115,7 @@ async def test_a_retry_waits_in_a_delay_queue_and_reaches_only_the_failed_queue(
 
         async def waiting() -> int:
             try:
-                return await broker.depth(topology.retry_queue(60_000))
+                return await broker.depth(topology.retry_queue("failing", 60_000))
             except ChannelNotFoundEntity:
                 return 0  # attempt 2's handler has not declared it yet
 
@@ -201,7 +201,7 @@ async def test_a_retry_whose_queue_is_gone_ends_in_mesh_dead(settings: Settings)
         await channel.queue_delete(topology.behaviour_queue("sub", Forever.name))
         dead = await broker.dead_letter(message_id)
         # What a dead letter from the broker carries (a stream keeps no x-death array).
-        assert (dead.headers or {})["x-first-death-queue"] == topology.retry_queue(1000)
+        assert (dead.headers or {})["x-first-death-queue"] == topology.retry_queue("sub", 1000)
 
 
 class Picky(SubscriberBehaviour):

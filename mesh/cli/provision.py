@@ -66,9 +66,8 @@ def provision(
     <namespace>.<principal> (MESH_NAMESPACE, default mesh), tagged mesh-managed and
     mesh-namespace:<namespace>, with permissions and topic permissions on the vhost of
     MESH_AMQP_URL.  A user without both tags, or of another namespace, is never touched.
-    Token users get none: they act through the bridge.  The mesh's exchanges and queues
-    (retry queues of MESH_RETRY_DELAYS too), which agents may not declare, are declared
-    where missing.
+    Token users get none: they act through the bridge.  The mesh's shared exchanges and
+    queues, which agents may not declare, are declared where missing.
 
     Passwords are generated once and kept in <principal>.env (MESH_AMQP_URL and
     MESH_NAMESPACE, mode 0600) in the credentials directory: rerunning keeps them.  Each

@@ -157,8 +157,8 @@ def agent_permissions(
     patterns ``subscriptions`` on ``mesh.topic``.
 
     It publishes only to the policy exchanges, ``mesh.dlx`` (its dead letters carry its
-    verified ``user_id``) and ``mesh.retry`` (keys naming its own queues); it declares, binds
-    and reads only its own queues; on ``mesh.internal`` it binds only what is addressed to
+    verified ``user_id``); it declares, binds and reads only its own queues and exchanges (its
+    retry path is among them, ``topology.declare_retry_path``); on ``mesh.internal`` it binds only what is addressed to
     it: requests for its operations, replies and error notices for its instances, control
     for it and ``_all``, and registry events if ``registry_events``.  Exchanges and the
     gateway's queues are not its to declare (passively, at most).
@@ -208,14 +208,10 @@ def shared_agent_permissions(
                 topology.POLICY_EXCHANGE,
                 topology.INTERNAL_POLICY_EXCHANGE,
                 topology.DEAD_LETTER_EXCHANGE,
-                topology.RETRY_EXCHANGE,
             ),
             own,
         ),
-        read=_names(
-            *_exact(topology.TOPIC_EXCHANGE, topology.INTERNAL_EXCHANGE, topology.REQUEUE_EXCHANGE),
-            own,
-        ),
+        read=_names(*_exact(topology.TOPIC_EXCHANGE, topology.INTERNAL_EXCHANGE), own),
         topics=(
             TopicPermission(topology.POLICY_EXCHANGE, write=_names(_USER_TOPIC)),
             TopicPermission(topology.INTERNAL_POLICY_EXCHANGE, write=_names(_AGENT_SENDS)),
@@ -224,9 +220,8 @@ def shared_agent_permissions(
                 topology.INTERNAL_EXCHANGE, read=_covering_regex(set(addressed), literal)
             ),
             TopicPermission(topology.DEAD_LETTER_EXCHANGE, write=ANY),
-            # topology.retry_key and requeue_key, for its own queues only.
-            TopicPermission(topology.RETRY_EXCHANGE, write=_names(rf"[0-9]+\.{own}")),
-            TopicPermission(topology.REQUEUE_EXCHANGE, read=_names(rf"\*\.{own}")),
+            # Its retry and requeue exchanges are its own (topology.declare_retry_path):
+            # under its prefix, where nobody else may publish or bind.
         ),
     )
 
@@ -332,8 +327,6 @@ def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
                 topology.INTERNAL_POLICY_EXCHANGE,
                 topology.INTERNAL_EXCHANGE,
                 topology.DEAD_LETTER_EXCHANGE,
-                topology.RETRY_EXCHANGE,
-                topology.REQUEUE_EXCHANGE,
                 topology.FILING_EXCHANGE,
             ),
             *queues,
@@ -350,7 +343,6 @@ def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
             *queues,
             own,
         ),
-        # mesh.requeue: declaring it names an alternate exchange, which needs read on it.
         read=_names(
             *_exact(
                 topology.POLICY_EXCHANGE,
@@ -358,7 +350,6 @@ def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
                 topology.INTERNAL_EXCHANGE,
                 topology.DEAD_LETTER_EXCHANGE,
                 topology.FILING_EXCHANGE,
-                topology.REQUEUE_EXCHANGE,
                 topology.GATEWAY_QUEUE,
                 topology.INTERNAL_GATEWAY_QUEUE,
                 topology.DEAD_LETTER_INCOMING,
@@ -376,7 +367,6 @@ def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
                 topology.INTERNAL_EXCHANGE, write=_names(_MESH_KEY), read=covering_regex(addressed)
             ),
             TopicPermission(topology.DEAD_LETTER_EXCHANGE, write=ANY, read=ANY),
-            TopicPermission(topology.REQUEUE_EXCHANGE),
         ),
     )
 

@@ -1,8 +1,8 @@
 """The mesh's own exchanges, queues and bindings, as RabbitMQ definitions describe them.
 
 What ``topology.declare_exchanges`` declares (the gateway does, and agents whose user may),
-and the retry delay queues of the settings' ``retry_delays`` (``topology.declare_retry_queue``),
-which a provisioned agent may not declare itself.  Provisioning imports what is missing; the
+which a provisioned agent may not declare itself (its retry path is its own: it declares that
+under its queue prefix).  Provisioning imports what is missing; the
 definitions file holds them all.  The arguments must be those ``topology`` declares, or a
 declare fails as inequivalent; ``tests/test_provision.py`` declares them over an imported file
 to prove it.
@@ -61,17 +61,9 @@ def mesh_objects(settings: Settings) -> MeshObjects:
             topology.INTERNAL_POLICY_EXCHANGE,
             topology.INTERNAL_EXCHANGE,
             topology.DEAD_LETTER_EXCHANGE,
-            topology.RETRY_EXCHANGE,
         )
     ]
-    exchanges += [
-        _exchange(
-            topology.REQUEUE_EXCHANGE,
-            "topic",
-            {"alternate-exchange": topology.DEAD_LETTER_EXCHANGE},
-        ),
-        _exchange(topology.FILING_EXCHANGE, "fanout"),
-    ]
+    exchanges.append(_exchange(topology.FILING_EXCHANGE, "fanout"))
     max_bytes = settings.dead_letter_max_bytes
     queues = [
         _queue(
@@ -100,22 +92,6 @@ def mesh_objects(settings: Settings) -> MeshObjects:
         _binding(topology.FILING_EXCHANGE, topology.DEAD_LETTER_QUEUE, topology.DEAD_LETTER_QUEUE),
         _binding(topology.DEAD_LETTER_EXCHANGE, topology.DEAD_LETTER_INCOMING, "#"),
     ]
-    # In milliseconds as mesh.retry.Retries rounds them.
-    for delay in sorted({max(1, round(d * 1000)) for d in settings.retry_delays}):
-        name = topology.retry_queue(delay)
-        queues.append(
-            _queue(
-                name,
-                {
-                    "x-queue-type": "quorum",
-                    "x-message-ttl": delay,
-                    "x-dead-letter-exchange": topology.REQUEUE_EXCHANGE,
-                    "x-dead-letter-strategy": "at-least-once",
-                    "x-overflow": "reject-publish",
-                },
-            )
-        )
-        bindings.append(_binding(topology.RETRY_EXCHANGE, name, f"{delay}.#"))
     return MeshObjects(tuple(exchanges), tuple(queues), tuple(bindings))
 
 
