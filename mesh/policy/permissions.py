@@ -159,9 +159,10 @@ def agent_permissions(
     It publishes only to the policy exchanges, ``mesh.dlx`` (its dead letters carry its
     verified ``user_id``); it declares, binds and reads only its own queues and exchanges
     (its retry path among them, ``topology.declare_retry_path``); on ``mesh.internal`` it
-    binds only what is addressed to it: requests for its operations, replies and error notices for its instances, control
-    for it and ``_all``, and registry events if ``registry_events``.  Exchanges and the
-    gateway's queues are not its to declare (passively, at most).
+    binds only what is addressed to it: requests for its operations, replies and error
+    notices for its instances, control for it and ``_all``, and registry events if
+    ``registry_events``.  The shared exchanges and the gateway's queues are not its to
+    declare (passively, at most).
     """
     topology.check_name("agent id", agent_id)
     patterns = [topology.check_pattern(p) for p in subscriptions]  # no {self} here
