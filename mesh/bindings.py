@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractQueue
 from redis.exceptions import WatchError
 
+from mesh import topology
 from mesh.membership import REDIS_DOWN
 
 __all__ = ["Binding", "BindingLedger", "reconcile"]
@@ -181,6 +182,8 @@ async def reconcile(
                 await _bind(queue, wanted)
                 stale = entry.bindings.difference(wanted)
                 for binding in sorted(stale):
+                    if binding.exchange in topology.RETIRED_EXCHANGES:
+                        continue  # dropped from the record only (see RETIRED_EXCHANGES)
                     await queue.unbind(binding.exchange, binding.routing_key)
                     logger.info("queue %s: unbound %s %r", queue.name, *binding)
                 removed |= stale

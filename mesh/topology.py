@@ -43,6 +43,11 @@ queue's delivery count, so it cannot count failures; the mesh counts those itsel
 before the consumer can settle it.
 """
 
+RETIRED_EXCHANGES = frozenset({"mesh.retry", "mesh.requeue"})
+"""Exchanges earlier versions declared and nothing publishes to any more (retries used to
+share them; each agent has a retry path of its own now).  A binding to one is left alone:
+an agent's user may not touch them, and on a newer broker they do not exist."""
+
 INTERNAL_TTL_MS = 60_000
 """The longest the mesh's own traffic waits for a gateway: requests, replies and control
 carry shorter expirations of their own; a registry event older than this is stale."""

@@ -154,6 +154,25 @@ async def test_unbinding_what_the_broker_no_longer_has_does_not_fail(
     assert await ledger.recorded(queue.name) == {A}
 
 
+async def test_bindings_on_retired_exchanges_are_forgotten_not_unbound(
+    channel: AbstractChannel, queue: AbstractQueue, ledger: BindingLedger
+) -> None:
+    """A binding an earlier version made on an exchange nothing uses any more (``mesh.requeue``)
+    is dropped from the record and left on the broker: a provisioned agent may not touch that
+    exchange, and unbinding it would close the channel the queue is consumed on."""
+    retired = await channel.declare_exchange("mesh.requeue", aio_pika.ExchangeType.TOPIC)
+    old = Binding("mesh.requeue", f"*.{queue.name}")
+    await queue.bind(retired, old.routing_key)
+    await ledger.record(queue.name, {A, old})
+
+    assert await reconcile(queue, [A], ledger) == {old}
+
+    assert await ledger.recorded(queue.name) == {A}
+    await retired.publish(aio_pika.Message(b"still bound"), f"x.{queue.name}")
+    incoming = await eventually(lambda: queue.get(no_ack=True, fail=False))
+    assert incoming.body == b"still bound"
+
+
 async def test_two_versions_starting_at_once_leave_the_last_writers_bindings(
     settings: Settings,
     channel: AbstractChannel,
