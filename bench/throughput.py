@@ -1,7 +1,8 @@
 """Mesh throughput and request/reply latency against raw aio-pika, on the same broker.
 
     python bench/throughput.py [--count 20000] [--warmup 2000] [--rounds 4] [--in-flight 100]
-                               [--raw-prefetch 100] [--requests 1000] [--check]
+                               [--raw-prefetch 100] [--requests 1000] [--skip-audit]
+                               [--skip-authorized] [--check]
 
 One run measures, every party in an OS process of its own:
 
@@ -9,27 +10,40 @@ One run measures, every party in an OS process of its own:
     their confirm at once) -> a topic exchange -> a quorum queue (the mesh's behaviour queues
     are quorum queues) -> a consumer process (manual ack per message, prefetch
     ``--raw-prefetch``);
-(b) the mesh: the ``Blast`` behaviour of ``PublisherAgent`` (``--in-flight`` concurrent
-    ``self.publish``) -> ``mesh.policy`` -> the gateway (``python -m mesh.cli gateway``) ->
-    ``mesh.topic`` -> the ``Sink`` subscriber behaviour of ``SubscriberAgent`` (default
-    mailbox and concurrency); both agents run as ``python -m mesh.cli run
-    bench.throughput:...``.  The gateway runs at log level WARNING, then once more at INFO
-    (its per-message audit log on, as in production, written to a file);
-(c) request/reply round trips through the gateway: ``--requests`` sequential
-    ``agent.request`` calls to an ``@rpc`` of the subscriber agent.
+(b) the mesh, pass-through: the ``Blast`` behaviour of ``PublisherAgent`` (``--in-flight``
+    concurrent ``self.publish``) -> ``mesh.policy`` -> the gateway (``python -m mesh.cli
+    gateway``, no policy: open mode) -> ``mesh.topic`` -> the ``Sink`` subscriber behaviour
+    of ``SubscriberAgent`` (default mailbox and concurrency); both agents run as ``python -m
+    mesh.cli run bench.throughput:...``, every party as the broker user of
+    ``MESH_AMQP_URL``.  The gateway runs at log level WARNING, then once more at INFO (its
+    per-message audit log on, as in production, written to a file);
+(c) the mesh, authorized (issue 9): the same processes, restarted with the gateway's
+    authorize stage enforcing a realistic policy (``POLICY``: 20 principals, the bench's
+    four among them, and 50 rules in six rule sets, one in audit mode; written to the
+    temporary directory and checked with ``mesh.policy.load_policy`` first) and every
+    party, the control client "bench-ctl" too, connected as its principal's broker user
+    ``broker_user(namespace, principal)`` (made with a random password and every
+    permission on the vhost through the management API, deleted at the end);
+(d) request/reply round trips through the gateway (pass-through): ``--requests``
+    sequential ``agent.request`` calls to an ``@rpc`` of the subscriber agent.
 
 Throughput is what the consumer received after the warm-up, divided by the time from the
-warm-up's last message to the last one.  (a) and (b) alternate in ``--rounds`` rounds of
+warm-up's last message to the last one.  (a), (b) and (c) alternate in ``--rounds`` rounds of
 ``count / rounds`` messages (after ``warmup / rounds`` each) so that load from other programs
-weighs on both alike; each figure is the total over its rounds.  The last line is
-``mesh/raw ratio: R (mesh X msg/s, raw Y msg/s)`` (the mesh with the audit log off).
-Targets on a 2-core machine: R >= 0.45 and request/reply p50 <= 3 ms (``--check``: exit 1
-when one is missed).
+weighs on all alike: even rounds run raw, pass-through, authorized; odd rounds authorized,
+pass-through, raw, so the mesh's processes restart (pass-through <-> authorized, each
+restart awaited) once a round, and each mesh path runs as often right after a restart as
+not.  Each figure is the total over its rounds.  The last two lines are
+``authorized/pass-through ratio: R (authorized X msg/s, pass-through Y msg/s)`` and
+``mesh/raw ratio: R (mesh X msg/s, raw Y msg/s)`` (the pass-through mesh, audit log off).
+Targets on a 2-core machine: mesh/raw R >= 0.45, request/reply p50 <= 3 ms and
+authorized/pass-through R >= 0.95 (``--check``: exit 1 when one is missed;
+``--skip-authorized`` leaves (c) and its target out).
 
 Uses ``MESH_AMQP_URL`` for the broker's host and credentials, in a vhost of its own that it
 creates and deletes (``mesh.devservices.BrokerAdmin``, else ``rabbitmqctl``), and a Redis
-namespace of its own; child processes, vhost and namespace go away on success, failure and
-Ctrl+C alike.
+namespace of its own; child processes, broker users, vhost and namespace go away on success,
+failure and Ctrl+C alike.
 """
 
 from __future__ import annotations
@@ -38,10 +52,12 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import fnmatch
 import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -50,7 +66,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,16 +89,21 @@ from mesh import (
     rpc,
 )
 from mesh.config import DEFAULT_AMQP_URL, Settings
+from mesh.management import ManagementAPI, ManagementError
+from mesh.policy import Action, Policy, PolicyError, broker_user, load_policy
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "bench.v7.reading"
 PUBLISHER_ID = "bench-pub"
 SUBSCRIBER_ID = "bench-sub"
+CONTROL_ID = "bench-ctl"
+GATEWAY_ID = "gateway"
 RAW_EXCHANGE = "bench.raw"
 RAW_QUEUE = "bench.raw"
 BODY_BYTES = 200
 TARGET_RATIO = 0.45
 TARGET_P50_MS = 3.0
+TARGET_AUTHORIZED_RATIO = 0.95
 
 
 # --- the message -----------------------------------------------------------------------------
@@ -291,6 +312,227 @@ async def raw_publisher(url: str, total: int, in_flight: int) -> None:
         await connection.close()
 
 
+# --- the authorized path: its policy and broker users ----------------------------------------
+
+BENCH_PRINCIPALS = {
+    GATEWAY_ID: "gateway",
+    PUBLISHER_ID: "bench-publisher",
+    SUBSCRIBER_ID: "bench-subscriber",
+    CONTROL_ID: "bench-operator",
+}
+"""The bench's agent ids and the principals they belong to (one broker user each)."""
+
+POLICY_PRINCIPALS, POLICY_RULES = 20, 50
+
+POLICY = """\
+# The authorized path's policy (bench/throughput.py): a fleet mesh of 20 principals and
+# 50 rules, in which the bench's four parties are principals like any other.
+principals:
+  gateway: {kind: gateway}
+  bench-publisher: {kind: agent, agents: [bench-pub]}
+  bench-subscriber: {kind: agent, agents: [bench-sub]}
+  bench-operator: {kind: operator, agents: [bench-ctl]}
+  vehicles: {kind: agent, agents: ["v[0-9]*"]}
+  trucks: {kind: agent, agents: ["truck-*"]}
+  monitor: {kind: agent}
+  alerting: {kind: agent, agents: ["alert-*"]}
+  fleet-manager: {kind: agent, agents: ["fleet-*"]}
+  routing: {kind: agent, agents: ["route-*"]}
+  weather: {kind: agent, agents: ["weather-*"]}
+  maintenance: {kind: agent, agents: ["maint-*"]}
+  billing: {kind: agent, agents: ["billing-*"]}
+  archiver: {kind: agent, agents: ["archive-*"]}
+  geofence: {kind: agent, agents: ["geo-*"]}
+  mesh-cli: {kind: operator, agents: ["client-*"]}
+  sre: {kind: operator, agents: ["sre-*"]}
+  bridge: {kind: bridge}
+  dashboard: {kind: user}
+  partner-api: {kind: user}
+
+roles:
+  operators: [bench-operator, mesh-cli, sre]
+  observers: [monitor, dashboard]
+  fleet: [vehicles, trucks]
+  services: [alerting, fleet-manager, routing, weather, maintenance, billing, archiver, geofence]
+
+rule_sets:
+  telemetry:
+    rules:
+      - {allow: publish, who: fleet, topics: "vehicle.{self}.#"}
+      - {allow: publish, who: bench-publisher, topics: "bench.*.reading"}
+      - {allow: subscribe, who: bench-subscriber, topics: "bench.#"}
+      - {allow: subscribe, who: observers, topics: ["vehicle.#", "alerts.#"]}
+      - {allow: subscribe, who: fleet, topics: "alerts.speeding.*"}
+      - {allow: publish, who: monitor, topics: "alerts.speeding.*"}
+      - {allow: publish, who: alerting, topics: "alerts.#"}
+      - {allow: subscribe, who: alerting, topics: ["vehicle.*.speed", "vehicle.*.position"]}
+      - {allow: publish, who: weather, topics: "weather.#"}
+      - {allow: subscribe, who: [routing, fleet], topics: "weather.#"}
+      - {allow: publish, who: routing, topics: "route.#"}
+      - {allow: subscribe, who: fleet, topics: "route.{self}.#"}
+      - {allow: publish, who: geofence, topics: "geofence.#"}
+      - {allow: subscribe, who: geofence, topics: "vehicle.*.position"}
+      - {allow: subscribe, who: archiver, topics: "#"}
+      - {deny: publish, who: "*", topics: "vehicle.*.debug.#"}
+      - {deny: subscribe, who: fleet, topics: "billing.#"}
+      - {deny: publish, who: bench-publisher, topics: "bench.*.control.#"}
+
+  fleet-operations:
+    rules:
+      - {allow: publish, who: maintenance, topics: "maintenance.#"}
+      - {allow: subscribe, who: maintenance, topics: ["vehicle.*.diagnostics.#", "alerts.#"]}
+      - {allow: publish, who: billing, topics: "billing.#"}
+      - {allow: subscribe, who: billing, topics: ["route.*.completed", "vehicle.*.odometer"]}
+      - {allow: publish, who: fleet-manager, topics: "fleet.#"}
+      - {allow: subscribe, who: fleet-manager, topics: ["vehicle.#", "route.#", "maintenance.#"]}
+
+  requests:
+    rules:
+      - {allow: request, who: bench-operator, request: {agent: "bench-*", operation: "*"}}
+      - {allow: request, who: operators, request: {agent: "*", operation: status}}
+      - {allow: request, who: observers, request: {agent: "v[0-9]*", operation: status}}
+      - {allow: request, who: fleet-manager, request: {agent: "route-*", operation: "plan_*"}}
+      - {allow: request, who: routing, request: {agent: "weather-*", operation: forecast}}
+      - allow: request
+        who: [billing, fleet-manager]
+        request: {agent: "v[0-9]*", operation: odometer}
+      - {deny: request, who: "*", request: {agent: "*", operation: "admin_*"}}
+      - {deny: request, who: dashboard, request: {agent: "billing-*", operation: "*"}}
+      - {allow: reply, who: "*", reply: {agent: "*"}}       # answering requests and control
+      - {deny: reply, who: fleet, reply: {agent: "billing-*"}}
+
+  operations:
+    rules:
+      - {allow: control, who: operators, control: {agent: "*", command: ping}}
+      - {allow: control, who: bench-operator, control: {agent: "bench-*", command: "*"}}
+      - {allow: control, who: [mesh-cli, sre], control: {agent: "*", command: "*"}}
+      - {deny: control, who: "*", control: {agent: "_all", command: shutdown}}
+      - {deny: control, who: sre, control: {agent: "billing-*", command: "*"}}
+      - {allow: publish, who: [mesh-cli, sre], topics: "#"}
+      - {allow: subscribe, who: operators, topics: "#"}
+
+  partners:
+    rules:
+      - {allow: subscribe, who: dashboard, topics: ["vehicle.*.position", "alerts.#"]}
+      - {allow: request, who: partner-api, request: {agent: "route-*", operation: eta}}
+      - {allow: publish, who: partner-api, topics: "partner.{self}.#"}
+      - {deny: subscribe, who: partner-api, topics: "vehicle.*.diagnostics.#"}
+
+  hardening:                    # rolled out in audit mode: logged as "would deny", never blocks
+    mode: audit
+    rules:
+      - {deny: publish, who: "*", topics: "bench.*.debug.#"}
+      - {deny: request, who: observers, request: {agent: "*", operation: "dump_*"}}
+      - {deny: control, who: operators, control: {agent: "_all", command: stop_behaviour}}
+      - {deny: reply, who: fleet, reply: {agent: dashboard}}
+      - {deny: publish, who: bench-publisher, topics: "bench.*.reading.raw"}
+"""
+
+
+def bench_traffic(instance: str = "0a1b2c3d") -> list[tuple[str, Action, str]]:
+    """What the bench's parties send through an authorizing gateway: (agent, action, target).
+
+    Registry events are left out: the gateway checks each against its sender only.
+    """
+    requests = [(SUBSCRIBER_ID, op) for op in ("expect", "result", "echo")] + [
+        (PUBLISHER_ID, op) for op in ("plan", "stats")
+    ]
+    return [
+        (PUBLISHER_ID, "publish", TOPIC),
+        (SUBSCRIBER_ID, "subscribe", "bench.#"),  # Sink's binding (the broker's to check)
+        *((CONTROL_ID, "request", f"_req.{agent}.{op}") for agent, op in requests),
+        (CONTROL_ID, "control", f"_ctl.{PUBLISHER_ID}.start_behaviour"),
+        (CONTROL_ID, "control", "_ctl._all.ping"),
+        (CONTROL_ID, "control", f"_ctl.{GATEWAY_ID}.ping"),
+        *((agent, "reply", f"_reply.{CONTROL_ID}.{instance}") for agent in BENCH_PRINCIPALS),
+    ]
+
+
+def write_policy(directory: Path) -> tuple[Path, Policy]:
+    """``POLICY`` as a file in ``directory``, loaded with ``mesh.policy.load_policy`` and
+    checked: its size, the bench's ids resolving to their principals (no other principal's
+    glob matching them), and the bench's traffic allowed by enforced rules."""
+    path = directory / "policy.yaml"
+    path.write_text(POLICY, encoding="utf-8")
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        raise BenchError("the bench's policy is invalid:\n" + "\n".join(exc.lines())) from None
+    problems = []
+    principals, rules = len(policy.principals()), len(policy.rules)
+    if (principals, rules) != (POLICY_PRINCIPALS, POLICY_RULES):
+        problems.append(
+            f"{principals} principals and {rules} rules, not {POLICY_PRINCIPALS} and {POLICY_RULES}"
+        )
+    for agent, name in BENCH_PRINCIPALS.items():
+        found = policy.principal_for_agent(agent)
+        if found is None or found.name != name:
+            problems.append(f"{agent} is {found.name if found else 'no principal'}, not {name}")
+        problems += [
+            f"{agent} matches {glob!r} of {other.name}"
+            for other in policy.principals()
+            if other.name != name
+            for glob in other.agents
+            if fnmatch.fnmatchcase(agent, glob)
+        ]
+    for agent, action, target in bench_traffic():
+        decision = policy.decide(agent, action, target)
+        if not decision.allowed or decision.would_deny:
+            problems.append(f"{agent} {action} {target}: {decision.reason}")
+    if problems:
+        raise BenchError("the bench's policy does not fit the bench:\n  " + "\n  ".join(problems))
+    return path, policy
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """``url`` logging in as ``user``."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class BrokerUsers:
+    """One broker user per bench principal (``broker_user(namespace, principal)``), with a
+    random password and every permission on the bench's vhost; deleted at the end."""
+
+    def __init__(self, base_url: str, vhost: str, namespace: str) -> None:
+        self.base_url = base_url
+        self.vhost = vhost
+        self.namespace = namespace
+        self.made: list[str] = []
+        self.urls: dict[str, str] = {}
+        """Agent id -> its AMQP URL (the bench's vhost, its principal's user)."""
+        self._api: Any = None
+
+    async def create(self, url: str) -> None:
+        try:
+            self._api = ManagementAPI.for_settings(Settings.from_env(amqp_url=self.base_url))
+            for agent, principal in BENCH_PRINCIPALS.items():
+                user = broker_user(self.namespace, principal)
+                password = secrets.token_urlsafe(24)
+                self.made.append(user)  # from here on, delete() tries
+                await self._api.put_user(user, password)
+                await self._api.set_permissions(self.vhost, user, ".*", ".*", ".*")
+                self.urls[agent] = with_credentials(url, user, password)
+        except ManagementError as exc:
+            raise BenchError(
+                f"cannot create the authorized path's broker users: {exc} "
+                "(--skip-authorized runs without them)"
+            ) from None
+
+    async def delete(self) -> None:
+        made, self.made = self.made, []
+        for user in made:
+            try:
+                await asyncio.wait_for(self._api.delete_user(user), 30)
+            except Exception as exc:
+                print(f"could not delete broker user {user}: {exc}", file=sys.stderr)
+
+
 # --- the orchestrator ------------------------------------------------------------------------
 
 
@@ -307,6 +549,9 @@ class Figures:
     published: int = 0
     publish_seconds: float = 0.0
     rounds: list[float] = field(default_factory=list)
+    gateway_cpu: float = 0.0
+    """The gateway process's CPU seconds over the rounds (warm-up and control included)."""
+    gateway_messages: int = 0
 
     def add(
         self, messages: int, seconds: float, published: int = 0, publish_seconds: float = 0.0
@@ -325,9 +570,29 @@ class Figures:
     def publish_rate(self) -> float:
         return self.published / self.publish_seconds if self.publish_seconds > 0 else 0.0
 
+    def add_gateway_cpu(self, seconds: float, messages: int) -> None:
+        self.gateway_cpu += seconds
+        self.gateway_messages += messages
+
     def detail(self) -> str:
         rounds = ", ".join(f"{r:,.0f}" for r in self.rounds)
-        return f"rounds {rounds}; publisher confirmed {self.publish_rate:,.0f} msg/s"
+        text = f"rounds {rounds}; publisher confirmed {self.publish_rate:,.0f} msg/s"
+        if self.gateway_messages:
+            per_message = self.gateway_cpu / self.gateway_messages * 1e6
+            text += f"; gateway CPU {per_message:,.0f} us/message"
+        return text
+
+
+def cpu_seconds(proc: asyncio.subprocess.Process | None) -> float | None:
+    """User and system CPU time of a running child so far (Linux ``/proc``), else ``None``."""
+    if proc is None or proc.returncode is not None:
+        return None
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # from field 3 (state) on; utime, stime: 14, 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def vhost_url(base: str, vhost: str) -> str:
@@ -414,15 +679,22 @@ class Children:
         self.logs: dict[str, Path] = {}
 
     async def start(
-        self, name: str, args: Sequence[str], *, stdout: bool = False, log: Path | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        stdout: bool = False,
+        log: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> asyncio.subprocess.Process:
+        """Start ``python args``; ``env`` overrides some of the children's environment."""
         self.logs[name] = log or self.logdir / f"{name}.log"
         with self.logs[name].open("ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 *args,
                 cwd=str(ROOT),
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout else subprocess.DEVNULL,
                 stderr=err,
@@ -607,6 +879,7 @@ async def mesh_round(
     figures: Figures,
 ) -> None:
     """One blast through the gateway, measured by the subscriber."""
+    cpu_before = cpu_seconds(children.procs.get("gateway"))
     await client.request(SUBSCRIBER_ID, "expect", {"warmup": warmup, "count": count}, timeout=10)
     await client.request(
         PUBLISHER_ID, "plan", {"total": warmup + count, "in_flight": args.in_flight}, timeout=10
@@ -639,6 +912,9 @@ async def mesh_round(
             break
         await asyncio.sleep(0.05)
     figures.add(count, got["seconds"], blast.get("published", 0), blast.get("seconds", 0.0))
+    cpu_after = cpu_seconds(children.procs.get("gateway"))
+    if cpu_before is not None and cpu_after is not None:
+        figures.add_gateway_cpu(cpu_after - cpu_before, warmup + count)
 
 
 async def request_latency(client: Agent, args: argparse.Namespace) -> list[float]:
@@ -657,13 +933,35 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-async def start_gateway(children: Children, *, audit: bool) -> None:
+@dataclass
+class MeshSetup:
+    """How the mesh's processes run: ``pass-through`` (the gateway in open mode, every party
+    as the bench's broker user) or ``authorized`` (the gateway enforcing ``POLICY``, every
+    party as its principal's broker user).  ``client`` is the control client "bench-ctl"
+    connected as that setup's user."""
+
+    name: str
+    client: Agent
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def gateway_log(self) -> str:
+        return "gateway.log" if self.name == "pass-through" else f"gateway-{self.name}.log"
+
+
+async def start_gateway(children: Children, setup: MeshSetup, *, audit: bool = False) -> None:
     level = "info" if audit else "warning"
-    log = children.logdir / ("gateway-audit.log" if audit else "gateway.log")
-    await children.start("gateway", ["-m", "mesh.cli", "gateway", "--log-level", level], log=log)
+    log = children.logdir / ("gateway-audit.log" if audit else setup.gateway_log)
+    await children.start(
+        "gateway",
+        ["-m", "mesh.cli", "gateway", "--log-level", level],
+        log=log,
+        env=setup.gateway_env,
+    )
 
 
-async def start_agents(children: Children) -> None:
+async def start_agents(children: Children, setup: MeshSetup) -> None:
     for agent_id, cls in ((SUBSCRIBER_ID, "SubscriberAgent"), (PUBLISHER_ID, "PublisherAgent")):
         await children.start(
             agent_id,
@@ -677,7 +975,47 @@ async def start_agents(children: Children) -> None:
                 "--log-level",
                 "warning",
             ],
+            env=setup.agent_env.get(agent_id),
         )
+
+
+async def switch_mesh(children: Children, setup: MeshSetup) -> None:
+    """Restart the gateway and both agents as ``setup`` says, and wait until they run.
+
+    The agents stop first, so that the gateway that knows their users relays their last
+    registry events (an authorizing gateway would deny the other setup's users).
+    """
+    await asyncio.gather(*(children.stop(n) for n in (PUBLISHER_ID, SUBSCRIBER_ID)))
+    await children.stop("gateway")
+    await start_gateway(children, setup)
+    await start_agents(children, setup)
+    await wait_for_mesh(setup.client, children)
+    await asyncio.sleep(1.0)  # their start-up (registry, heartbeats) settles before measuring
+
+
+def count_lines(path: Path, *needles: str) -> list[int]:
+    """How many lines of ``path`` contain each of ``needles``."""
+    counts = [0] * len(needles)
+    with path.open(errors="replace") as lines:
+        for line in lines:
+            for i, needle in enumerate(needles):
+                counts[i] += needle in line
+    return counts
+
+
+def first_lines(
+    path: Path, needle: str, *, skip: str = "", limit: int = 3, width: int = 300
+) -> list[str]:
+    """The first ``limit`` lines of ``path`` containing ``needle`` (and not ``skip``), cut at
+    ``width``."""
+    found: list[str] = []
+    with path.open(errors="replace") as lines:
+        for line in lines:
+            if needle in line and not (skip and skip in line):
+                found.append(line.rstrip()[:width])
+                if len(found) == limit:
+                    break
+    return found
 
 
 def say(text: str) -> None:
@@ -687,11 +1025,13 @@ def say(text: str) -> None:
 async def orchestrate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING)
     base_url = os.environ.get("MESH_AMQP_URL", DEFAULT_AMQP_URL)
+    base_user = unquote(urlsplit(base_url).username or "guest")
     vhost = Vhost(base_url)
     namespace = vhost.name
     logdir = Path(tempfile.mkdtemp(prefix=f"{vhost.name}-"))
     url = vhost_url(base_url, vhost.name)
     env = dict(os.environ)
+    env.pop("MESH_POLICY", None)  # the pass-through gateway enforces none; the authorized one ours
     env.update(
         {
             "MESH_AMQP_URL": url,
@@ -700,30 +1040,80 @@ async def orchestrate(args: argparse.Namespace) -> int:
         }
     )
     children = Children(logdir, env)
-    client: Agent | None = None
+    users = BrokerUsers(base_url, vhost.name, namespace)
+    clients: list[Agent] = []
     rounds = max(1, args.rounds)
     warmup, count = max(1, args.warmup // rounds), max(1, args.count // rounds)
-    raw, mesh, audited = Figures(), Figures(), Figures()
+    raw, mesh, authorized, audited = Figures(), Figures(), Figures(), Figures()
     try:
         await vhost.create()
         load = os.getloadavg()[0]
+        paths = "raw, pass-through mesh" + ("" if args.skip_authorized else ", authorized mesh")
         say(
             f"throughput: {count * rounds:,} messages per path after {warmup * rounds:,} warm-up "
-            f"({rounds} alternating rounds), {len(body(0))}-byte JSON bodies, "
+            f"({rounds} alternating rounds of {paths}), {len(body(0))}-byte JSON bodies, "
             f"{args.in_flight} publishes awaiting confirms, quorum queues (like the mesh's "
             f"behaviour queues); vhost {vhost.name}; load average {load:.1f} "
             f"on {os.cpu_count()} CPUs"
         )
 
-        client = Client("bench-ctl", settings=Settings.from_env(amqp_url=url, namespace=namespace))
+        client = Client(CONTROL_ID, settings=Settings.from_env(amqp_url=url, namespace=namespace))
+        clients.append(client)
         await client.start()
-        await start_gateway(children, audit=False)
-        await start_agents(children)
+        passthrough = MeshSetup("pass-through", client)
+        secured: MeshSetup | None = None
+        if not args.skip_authorized:
+            policy_path, _ = write_policy(logdir)
+            await users.create(url)
+            secure_client = Client(
+                CONTROL_ID,
+                settings=Settings.from_env(amqp_url=users.urls[CONTROL_ID], namespace=namespace),
+            )
+            clients.append(secure_client)
+            await secure_client.start()
+            secured = MeshSetup(
+                "authorized",
+                secure_client,
+                gateway_env={
+                    "MESH_AMQP_URL": users.urls[GATEWAY_ID],
+                    "MESH_POLICY": str(policy_path),
+                },
+                agent_env={
+                    a: {"MESH_AMQP_URL": users.urls[a]} for a in (PUBLISHER_ID, SUBSCRIBER_ID)
+                },
+            )
+            say(
+                f"authorized mesh: policy of {POLICY_PRINCIPALS} principals and {POLICY_RULES} "
+                f"rules (checked with mesh.policy.load_policy); broker users "
+                + ", ".join(broker_user(namespace, p) for p in BENCH_PRINCIPALS.values())
+            )
+        await start_gateway(children, passthrough)
+        await start_agents(children, passthrough)
         await wait_for_mesh(client, children)
+        current = passthrough
+
+        async def through(setup: MeshSetup, figures: Figures) -> None:
+            nonlocal current
+            if current is not setup:
+                await switch_mesh(children, setup)
+                current = setup
+            await mesh_round(setup.client, children, warmup, count, args, figures)
 
         for i in range(rounds):
-            await raw_round(children, url, f"{RAW_QUEUE}.{i}", warmup, count, args, raw)
-            await mesh_round(client, children, warmup, count, args, mesh)
+            raw_queue = f"{RAW_QUEUE}.{i}"
+            if secured is None:
+                await raw_round(children, url, raw_queue, warmup, count, args, raw)
+                await through(passthrough, mesh)
+            elif i % 2 == 0:  # raw, pass-through, authorized; then the other way round
+                await raw_round(children, url, raw_queue, warmup, count, args, raw)
+                await through(passthrough, mesh)
+                await through(secured, authorized)
+            else:
+                await through(secured, authorized)
+                await through(passthrough, mesh)
+                await raw_round(children, url, raw_queue, warmup, count, args, raw)
+        if current is not passthrough:
+            await switch_mesh(children, passthrough)
         say(
             f"raw aio-pika  publisher process -> topic exchange -> quorum queue -> consumer "
             f"process (prefetch {args.raw_prefetch}, ack each): {raw.rate:,.0f} msg/s "
@@ -734,6 +1124,23 @@ async def orchestrate(args: argparse.Namespace) -> int:
             f"mesh.topic -> Sink subscriber behaviour (mailbox {Sink.mailbox_size}, concurrency "
             f"{Sink.max_concurrency}): {mesh.rate:,.0f} msg/s ({mesh.detail()})"
         )
+        if secured is not None:
+            log, denial = logdir / secured.gateway_log, "mesh.gateway.relay: denied "
+            # A stopping gateway announces its leave through the gateway queue; the next
+            # gateway relays it, and an authorizing one denies the pass-through user.
+            farewell = f"from {base_user}/{GATEWAY_ID} on _registry.leave: "
+            denied, farewells, would_deny = count_lines(
+                log, denial, farewell, "mesh.gateway.authorize: would deny "
+            )
+            say(
+                f"authorized    the same, every party as its principal's broker user, the "
+                f"gateway's authorize stage enforcing the policy (its log: {denied - farewells} "
+                f"denied, {would_deny} would deny; and {farewells} denied leave events of the "
+                f"stopped pass-through gateway, user {base_user}): {authorized.rate:,.0f} msg/s "
+                f"({authorized.detail()})"
+            )
+            for line in first_lines(log, denial, skip=farewell):
+                say(f"  {line}")
 
         samples = await request_latency(client, args)
         p50, p99 = statistics.median(samples), percentile(samples, 0.99)
@@ -745,13 +1152,11 @@ async def orchestrate(args: argparse.Namespace) -> int:
 
         if not args.skip_audit:
             await children.stop("gateway")
-            await start_gateway(children, audit=True)
+            await start_gateway(children, passthrough, audit=True)
             await wait_for_mesh(client, children)
             audit_count = max(count, args.count // 2)
             await mesh_round(client, children, warmup, audit_count, args, audited)
-            log = children.logs["gateway"]
-            with log.open(errors="replace") as lines:
-                records = sum(1 for line in lines if "mesh.gateway.audit" in line)
+            (records,) = count_lines(children.logs["gateway"], "mesh.gateway.audit")
             say(
                 f"mesh, gateway audit log on (INFO, {records:,} records to a file; "
                 f"{audit_count:,} messages): "
@@ -764,26 +1169,44 @@ async def orchestrate(args: argparse.Namespace) -> int:
             missed.append(f"ratio {ratio:.2f} < {TARGET_RATIO}")
         if p50 > TARGET_P50_MS:
             missed.append(f"p50 {p50:.2f} ms > {TARGET_P50_MS:g} ms")
-        say(
-            f"targets (ratio >= {TARGET_RATIO}, request/reply p50 <= {TARGET_P50_MS:g} ms): "
-            + ("met" if not missed else "MISSED: " + "; ".join(missed))
-        )
+        targets = f"ratio >= {TARGET_RATIO}, request/reply p50 <= {TARGET_P50_MS:g} ms"
+        authorized_ratio = 0.0
+        if secured is not None:
+            authorized_ratio = round(authorized.rate / mesh.rate, 2)
+            targets += f", authorized/pass-through ratio >= {TARGET_AUTHORIZED_RATIO}"
+            if authorized_ratio < TARGET_AUTHORIZED_RATIO:
+                missed.append(
+                    f"authorized/pass-through ratio {authorized_ratio:.2f} "
+                    f"< {TARGET_AUTHORIZED_RATIO}"
+                )
+        say(f"targets ({targets}): " + ("met" if not missed else "MISSED: " + "; ".join(missed)))
+        if secured is not None:
+            say(
+                f"authorized/pass-through ratio: {authorized_ratio:.2f} (authorized "
+                f"{authorized.rate:.0f} msg/s, pass-through {mesh.rate:.0f} msg/s)"
+            )
         say(f"mesh/raw ratio: {ratio:.2f} (mesh {mesh.rate:.0f} msg/s, raw {raw.rate:.0f} msg/s)")
         return 1 if missed and args.check else 0
     except (RequestTimeout, RemoteError, PublishError, AgentStopped) as exc:
         await asyncio.sleep(0.5)  # let a dying child's exit be noticed
         raise BenchError(f"{type(exc).__name__}: {exc}\n{children.exited()}") from None
     finally:
-        await asyncio.shield(cleanup(children, client, vhost, namespace, logdir))
+        await asyncio.shield(cleanup(children, clients, users, vhost, namespace, logdir))
 
 
 async def cleanup(
-    children: Children, client: Agent | None, vhost: Vhost, namespace: str, logdir: Path
+    children: Children,
+    clients: Sequence[Agent],
+    users: BrokerUsers,
+    vhost: Vhost,
+    namespace: str,
+    logdir: Path,
 ) -> None:
     await children.stop_all()
-    if client is not None:
+    for client in clients:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.stop(), 10)
+    await users.delete()
     await vhost.delete()
     await drop_redis_namespace(namespace)
     shutil.rmtree(logdir, ignore_errors=True)
@@ -819,6 +1242,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--skip-audit", action="store_true", help="skip the run with the gateway's audit log on"
+    )
+    parser.add_argument(
+        "--skip-authorized",
+        action="store_true",
+        help="skip the authorized path (the gateway enforcing a policy, a broker user each)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--role", choices=["raw-consumer", "raw-publisher"], help=argparse.SUPPRESS)
@@ -858,7 +1286,7 @@ def main() -> int:
         return asyncio.run(orchestrate_until_signal(args))
     except KeyboardInterrupt:
         if not args.role:
-            print("interrupted; child processes and vhost removed", file=sys.stderr)
+            print("interrupted; child processes, broker users and vhost removed", file=sys.stderr)
         return 130
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
