@@ -91,6 +91,7 @@ from mesh import (
 from mesh.config import DEFAULT_AMQP_URL, Settings
 from mesh.management import ManagementAPI, ManagementError
 from mesh.policy import Action, Policy, PolicyError, broker_user, load_policy
+from mesh.provision.credentials import amqp_url_as
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "bench.v7.reading"
@@ -484,17 +485,6 @@ def write_policy(directory: Path) -> tuple[Path, Policy]:
     return path, policy
 
 
-def with_credentials(url: str, user: str, password: str) -> str:
-    """``url`` logging in as ``user``."""
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class BrokerUsers:
     """One broker user per bench principal (``broker_user(namespace, principal)``), with a
     random password and every permission on the bench's vhost; deleted at the end."""
@@ -517,7 +507,7 @@ class BrokerUsers:
                 self.made.append(user)  # from here on, delete() tries
                 await self._api.put_user(user, password)
                 await self._api.set_permissions(self.vhost, user, ".*", ".*", ".*")
-                self.urls[agent] = with_credentials(url, user, password)
+                self.urls[agent] = amqp_url_as(url, user, password)
         except ManagementError as exc:
             raise BenchError(
                 f"cannot create the authorized path's broker users: {exc} "
