@@ -15,7 +15,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
-from mesh import Agent, Behaviour, Message, Settings
+from mesh import Agent, Behaviour, Message, Settings, rpc
 
 
 class Recorder(Agent):
@@ -30,6 +30,16 @@ class Recorder(Agent):
         self.received: asyncio.Queue[tuple[str, Message]] = asyncio.Queue()
         self.counts: Counter[str] = Counter()
         self.events: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+
+class Slow(Recorder):
+    """Serves ``work``: records the request, then answers once the test sets ``release``."""
+
+    @rpc("work")
+    async def work(self, msg: Message, payload: object) -> dict[str, str]:
+        self.received.put_nowait(("work", msg))
+        await self.events["release"].wait()
+        return {"from": "slow"}
 
 
 def recorder(behaviour: Behaviour) -> Recorder:

@@ -10,7 +10,7 @@ from typing import Any
 
 import aio_pika
 import pytest
-from agents_core import Recorder, recorder
+from agents_core import Recorder, Slow, recorder
 from agents_reliability import (
     Service,
     consumers,
@@ -276,14 +276,6 @@ def test_on_rejects_the_mesh_reserved_keys(pattern: str) -> None:
             @on(pattern)
             async def spy(self, msg: Message, payload: object) -> None:
                 """Would see other agents' traffic."""
-
-
-class Slow(Recorder):
-    @rpc("work")
-    async def work(self, msg: Message, payload: object) -> dict[str, str]:
-        self.received.put_nowait(("work", msg))
-        await self.events["release"].wait()
-        return {"from": "slow"}
 
 
 async def test_forged_reply_from_a_third_agent_is_not_accepted(settings: Settings) -> None:

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-from agents_core import Recorder
+from agents_core import Recorder, Slow
 from agents_reliability import Service, peek
 from helpers import eventually, free_port, mesh_cli, running, take
 
@@ -20,22 +20,11 @@ from mesh import (
     RemoteError,
     RequestTimeout,
     Settings,
-    rpc,
     topology,
 )
 from mesh.envelope import H_REASON
 from mesh.gateway import Gateway
 from mesh.gateway.replies import NO_BINDING
-
-
-class Slow(Recorder):
-    """Serves ``work``: records the request, then answers once the test says so."""
-
-    @rpc("work")
-    async def work(self, msg: Message, payload: object) -> dict[str, str]:
-        self.received.put_nowait(("work", msg))
-        await self.events["release"].wait()
-        return {"from": "slow"}
 
 
 def binding_key(settings: Settings, caller: Agent, correlation_id: str | None) -> str:
