@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mesh import topology
 from mesh.deadcounts import DeadLetterCounts
 from mesh.management import ManagementAPI, QueueInfo
 from mesh.registry import Registry
@@ -100,8 +101,13 @@ class Inventory:
             )
         return reports
 
-    async def forget(self, queues: Sequence[QueueInfo | QueueReport]) -> None:
-        """Delete ``queues`` and the counts kept about them."""
+    async def forget(self, agent: str, queues: Sequence[QueueInfo | QueueReport]) -> None:
+        """Delete ``agent``'s ``queues``, its own exchanges (its retry path) and the counts
+        kept about the queues."""
         for queue in queues:
             await self.api.delete_queue(self.vhost, queue.name)
+        own = {topology.retry_exchange(agent), topology.requeue_exchange(agent)}
+        for exchange in await self.api.exchanges(self.vhost):
+            if exchange in own:
+                await self.api.delete_exchange(self.vhost, exchange)
         await self.counts.forget([q.name for q in queues])

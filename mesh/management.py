@@ -160,6 +160,9 @@ class ManagementAPI:
     async def delete_queue(self, vhost: str, name: str) -> None:
         await self.call("DELETE", f"queues/{_part(vhost)}/{_part(name)}")
 
+    async def delete_exchange(self, vhost: str, name: str) -> None:
+        await self.call("DELETE", f"exchanges/{_part(vhost)}/{_part(name)}")
+
     async def vhosts(self) -> list[str]:
         """The names of every vhost the API's user may see."""
         return [v["name"] for v in await self.call("GET", "vhosts?columns=name") or []]

@@ -151,6 +151,9 @@ async def test_queues_lists_depth_drops_and_owners_and_forget_removes_the_depart
 
         api = ManagementAPI.for_settings(settings)
         assert queue not in {q.name for q in await api.queues(vhost_of(settings))}
+        exchanges = set(await api.exchanges(vhost_of(settings)))
+        assert topology.requeue_exchange("zz") not in exchanges  # its retry path went too
+        assert topology.requeue_exchange("live") in exchanges
 
 
 class Disposable(SubscriberBehaviour):

@@ -85,8 +85,8 @@ def queues(agent: str | None, gone: bool, as_json: bool) -> None:
 def forget(agent: str, yes: bool) -> None:
     """Delete the queues of AGENT, which left for good (refused while it is alive).
 
-    Messages still in them are lost; the command names how many and asks first. The
-    agent's typed state in Redis is kept.
+    Messages still in them are lost; the command names how many and asks first. Its retry
+    exchanges go too; its typed state in Redis is kept.
     """
     try:
         check_name("agent id", agent)
@@ -115,7 +115,7 @@ def forget(agent: str, yes: bool) -> None:
         raise click.ClickException("nothing deleted")
 
     async def delete(inventory: Inventory) -> None:
-        await inventory.forget(found)
+        await inventory.forget(agent, found)
 
     _with_inventory(delete)
     click.echo(f"deleted {len(found)} queue(s) of {agent!r}")
