@@ -44,14 +44,6 @@ async def _mesh(name: str, args: list[str], env: dict[str, str]) -> asyncio.subp
     return process
 
 
-def _principal_env(store: CredentialStore, principal: str) -> dict[str, str]:
-    """The variables ``mesh provision`` wrote for ``principal`` (its broker user's URL)."""
-    text = store.text(principal) or ""
-    return dict(
-        line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#"
-    )
-
-
 async def _provision(policy: Path) -> bool:
     process = await _mesh("provision", ["provision", str(policy)], dict(os.environ))
     assert process.stdout is not None
@@ -74,7 +66,7 @@ async def run_demo(seconds: float = 0.0, policy: Path = DEMO_POLICY) -> int:
     pipes: list[asyncio.Task[None]] = []
     try:
         for name, principal, args in DEMO_PROCESSES:
-            env = {**os.environ, **_principal_env(store, principal), "MESH_POLICY": str(policy)}
+            env = {**os.environ, **(store.variables(principal) or {}), "MESH_POLICY": str(policy)}
             process = await _mesh(name, [*args, "--log-level", "warning"], env)
             assert process.stdout is not None
             processes.append(process)

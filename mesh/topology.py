@@ -269,6 +269,16 @@ def delivery_exchange(routing_key: str) -> str:
     return INTERNAL_EXCHANGE if is_internal(routing_key) else TOPIC_EXCHANGE
 
 
+SHARED_EXCHANGES = (
+    POLICY_EXCHANGE,
+    TOPIC_EXCHANGE,
+    INTERNAL_POLICY_EXCHANGE,
+    INTERNAL_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+)
+"""The exchanges every agent publishes to or binds on."""
+
+
 async def declare_exchanges(
     channel: AbstractChannel,
     *,
@@ -278,13 +288,7 @@ async def declare_exchanges(
     """Declare the mesh's exchanges, the gateway queue and the dead-letter stream (idempotent)."""
     exchanges = {
         name: await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
-        for name in (
-            POLICY_EXCHANGE,
-            TOPIC_EXCHANGE,
-            INTERNAL_POLICY_EXCHANGE,
-            INTERNAL_EXCHANGE,
-            DEAD_LETTER_EXCHANGE,
-        )
+        for name in SHARED_EXCHANGES
     }
     gateway = await declare_gateway_queue(channel)
     await gateway.bind(exchanges[POLICY_EXCHANGE], "#")
@@ -299,16 +303,6 @@ async def declare_exchanges(
     incoming = await declare_dead_letter_incoming(channel)
     await incoming.bind(exchanges[DEAD_LETTER_EXCHANGE], "#")
     return exchanges
-
-
-SHARED_EXCHANGES = (
-    POLICY_EXCHANGE,
-    TOPIC_EXCHANGE,
-    INTERNAL_POLICY_EXCHANGE,
-    INTERNAL_EXCHANGE,
-    DEAD_LETTER_EXCHANGE,
-)
-"""The exchanges every agent publishes to or binds on."""
 
 
 async def check_exchanges(channel: AbstractChannel) -> None:

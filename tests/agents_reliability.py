@@ -32,6 +32,7 @@ from behaviours import SubscriberBehaviour
 from mesh import Agent, Behaviour, Message, Settings, on, rpc, topology
 from mesh.deadletter import DeadLetterStream
 from mesh.devservices import BrokerAdmin
+from mesh.management import vhost_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -112,10 +113,6 @@ def drain(queue: asyncio.Queue[Any]) -> list[Any]:
 def mesh_id(incoming: AbstractIncomingMessage) -> str:
     """The sender's message id of a delivered copy."""
     return str((incoming.headers or {}).get("x-mesh-id") or incoming.message_id)
-
-
-def vhost_of(settings: Settings) -> str:
-    return unquote(urlsplit(settings.amqp_url).path[1:]) or "/"
 
 
 def user_of(settings: Settings) -> str:

@@ -7,7 +7,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 from agents_reliability import Host, Peek, host, mesh_id, peek, subscriber, vhost_of
@@ -20,6 +20,7 @@ from mesh.envelope import H_DEAD_BY, H_DEAD_BY_USER, H_ON_BEHALF_OF, to_amqp
 from mesh.gateway import Gateway
 from mesh.management import ManagementAPI
 from mesh.policy import broker_user
+from mesh.provision.credentials import amqp_url_as
 
 POLICY = """
 principals:
@@ -63,12 +64,6 @@ class Vehicle(Host):
         return {"vehicle": self.id}
 
 
-def with_user(settings: Settings, user: str, password: str) -> str:
-    parts = urlsplit(settings.amqp_url)
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 @pytest.fixture
 async def as_principal(
     settings: Settings, tmp_path: Path
@@ -83,13 +78,14 @@ async def as_principal(
     def settings_for(principal: str) -> Settings:
         user = broker_user(settings.namespace, principal)
         password = secrets.token_urlsafe(16)
-        passwords[user] = password
         made.append(user)
         return settings.model_copy(
-            update={"amqp_url": with_user(settings, user, password), "policy": str(policy)}
+            update={
+                "amqp_url": amqp_url_as(settings.amqp_url, user, password),
+                "policy": str(policy),
+            }
         )
 
-    passwords: dict[str, str] = {}
     try:
         yield settings_for
     finally:

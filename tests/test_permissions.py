@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import cache
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -33,6 +33,7 @@ from mesh.policy.permissions import (
     gateway_permissions,
     operator_permissions,
 )
+from mesh.provision.credentials import amqp_url_as
 
 # --- the reference: whether a pattern covers a binding key ---------------------------
 
@@ -305,13 +306,6 @@ async def grant(api: ManagementAPI, vhost: str, user: str, permissions: UserPerm
         await api.set_topic_permissions(vhost, user, t.exchange, t.write, t.read)
 
 
-def amqp_url_as(settings: Settings, user: str, password: str) -> str:
-    parts = urlsplit(settings.amqp_url)
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
-
 @pytest.fixture
 async def admin(settings: Settings) -> AsyncIterator[AbstractChannel]:
     """A channel with every right on the test's vhost, where the mesh's exchanges exist."""
@@ -332,7 +326,7 @@ async def users(settings: Settings) -> AsyncIterator[Users]:
         made.append(name)
         await api.put_user(name, password, permissions.tags)
         await grant(api, vhost_of(settings), name, permissions)
-        return amqp_url_as(settings, name, password)
+        return amqp_url_as(settings.amqp_url, name, password)
 
     yield make
     for name in made:

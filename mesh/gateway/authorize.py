@@ -40,7 +40,8 @@ class Authorize:
 
     def __init__(self, policy: Policy, namespace: str) -> None:
         self.policy = policy
-        self.namespace = namespace
+        # Built once: the stage runs for every message.
+        self._users = {p.name: broker_user(namespace, p.name) for p in policy.principals()}
 
     async def __call__(self, passage: Passage) -> None:
         incoming = passage.incoming
@@ -48,7 +49,7 @@ class Authorize:
         principal = self.policy.principal_for_agent(agent)
         if principal is None:
             raise Denied(self.name, f"agent {agent!r} is no principal of the policy")
-        expected = broker_user(self.namespace, principal.name)
+        expected = self._users[principal.name]
         if passage.user != expected:
             raise Denied(
                 self.name,

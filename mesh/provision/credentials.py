@@ -89,18 +89,25 @@ class CredentialStore:
         except FileNotFoundError:
             return None
 
+    def variables(self, principal: str) -> dict[str, str] | None:
+        """The variables the file sets (``MESH_AMQP_URL``, ``MESH_NAMESPACE``); ``None`` when
+        there is no file."""
+        text = self.text(principal)
+        if text is None:
+            return None
+        return dict(
+            line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#"
+        )
+
     def read(self, principal: str) -> tuple[str, str] | None:
         """The password and namespace the file holds; ``None`` when there is no file.
 
         Raises ``ProvisionError`` for a file that lacks them: a new password would lock
         out whoever uses the old one, so that is the operator's call (delete the file).
         """
-        text = self.text(principal)
-        if text is None:
+        values = self.variables(principal)
+        if values is None:
             return None
-        values = dict(
-            line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#"
-        )
         password = urlsplit(values.get("MESH_AMQP_URL", "")).password
         namespace = values.get("MESH_NAMESPACE")
         if not password or not namespace:
