@@ -135,7 +135,8 @@ def test_an_unreachable_management_api_fails_in_one_line(
     pytester.makepyfile(test_user="async def test_needs_a_vhost(mesh_settings): pass")
     port = free_port()
     monkeypatch.setenv("MESH_MANAGEMENT_URL", f"http://127.0.0.1:{port}/")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    # -rN: the short summary repeats the message unless the terminal is narrow enough to cut it.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rN")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         [f"RabbitMQ?s management API does not answer at http://127.0.0.1:{port} *"]
