@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -69,6 +69,17 @@ class Settings(BaseModel):
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_ttl: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, gt=0)
+    audit_key: SecretStr | None = None
+    """The gateway's audit-trail secret (the HMAC-SHA256 key, 32 characters or more); never
+    stored in Redis nor logged.  Or ``audit_key_file``."""
+    audit_key_file: str | None = None
+    """A file holding the audit key (a mounted Kubernetes secret, say)."""
+    audit_key_id: str = Field(default="k1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The audit key's id, written in every audit record: a new id for each rotation."""
+    audit_keys_file: str | None = None
+    """Older audit keys, to verify records written before a rotation: lines ``<id> <key>``."""
+    audit_checkpoint_interval: float = Field(default=60.0, gt=0)
+    """Seconds between a gateway's signed checkpoints of every audit chain's newest record."""
 
     @field_validator("amqp_url")
     @classmethod
