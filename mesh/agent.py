@@ -71,6 +71,9 @@ STARTS_AT_ONCE = 64
 LIVENESS_CACHE = 1.0
 """Seconds a requester trusts that an agent it found in the registry is still there."""
 
+INDEXED_WITHIN = 5.0
+"""Seconds a starting agent waits for a live gateway to index it for discovery."""
+
 
 @dataclass
 class _Awaited:
@@ -138,6 +141,9 @@ class Agent(Service):
     """The control commands instances accept over the mesh."""
     broadcast_control: ClassVar[bool] = True
     """Whether instances also take commands sent to every agent (``_all``)."""
+    indexes_registry: ClassVar[bool] = False
+    """Whether instances keep the registry's shared indexes (gateways only): an agent's
+    entry there is written by a gateway when its registry event passes."""
 
     def __init__(
         self,
@@ -177,7 +183,11 @@ class Agent(Service):
             else None
         )
         self._membership = Membership(
-            self.registry, self.describe, self._announce, self.settings.heartbeat_interval
+            self.registry,
+            self.describe,
+            self._announce,
+            self.settings.heartbeat_interval,
+            indexes_itself=self.indexes_registry,
         )
         self._membership_tasks: set[asyncio.Task[None]] = set()
         self._leaving = False
@@ -229,6 +239,7 @@ class Agent(Service):
         if self.registered:
             self._joined = True
             await self._membership.join()
+            await self._until_indexed()
             self.add_future(self._membership.run())
         logger.info(
             "agent %s/%s started with behaviours %s",
@@ -236,6 +247,32 @@ class Agent(Service):
             self.instance,
             ", ".join(self.behaviour_map) or "(none)",
         )
+
+    async def _until_indexed(self) -> None:
+        """Wait until a gateway has indexed this instance, so that discovery finds it once
+        the start returns; with no gateway live, nobody will until one runs."""
+        if self.indexes_registry or not self._membership.registered:
+            return
+        try:
+            if not await self.registry.instances(capability=GATEWAY_CAPABILITY):
+                logger.info("no gateway is live: discovery finds this instance once one runs")
+                return
+            async with asyncio.timeout(INDEXED_WITHIN):
+                # A poll: the gateway writes Redis, and tells this instance nothing.
+                while True:
+                    if await self.registry.indexed(self.id, self.instance, self._membership.tag):
+                        return
+                    await asyncio.sleep(0.01)
+        except REDIS_DOWN:
+            return  # the heartbeat loop registers it again once Redis answers
+        except TimeoutError:
+            logger.warning(
+                "no gateway indexed %s/%s within %gs (did the policy deny its registry event?): "
+                "discovery by capability or topic does not find it yet",
+                self.id,
+                self.instance,
+                INDEXED_WITHIN,
+            )
 
     async def _ensure_topology(self) -> None:
         """Declare the mesh's exchanges, or, where this agent's broker user may not (a

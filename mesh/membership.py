@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 
 Announce = Callable[[str, dict[str, Any]], Awaitable[None]]
 
+REANNOUNCE_AFTER = 10
+"""Heartbeats an instance the indexes do not hold waits before it announces itself again."""
+
 # What a Redis outage looks like from redis-py: its own errors, or the socket's.
 REDIS_DOWN = (RedisError, OSError)
 
@@ -25,6 +28,9 @@ class Membership:
 
     Redis being unreachable never stops the agent: the heartbeat loop keeps trying and
     registers again (announcing a fresh ``join``) once Redis answers and the lease is gone.
+    An announcement the broker refused is made again at the next heartbeat: the gateway
+    indexes the instance for discovery when its event passes.  ``indexes_itself`` is for
+    the gateway, which keeps the indexes and so writes its own entry at once.
     """
 
     def __init__(
@@ -33,8 +39,15 @@ class Membership:
         describe: Callable[[], InstanceRecord],
         announce: Announce,
         interval: float,
+        *,
+        indexes_itself: bool = False,
     ) -> None:
         self.registry = registry
+        self.indexes_itself = indexes_itself
+        self.tag = ""
+        """The tag of the record last registered."""
+        self._unannounced: str | None = None
+        self._unindexed = 0  # heartbeats since the indexes last held the current record
         self.describe = describe
         self.announce = announce
         self.interval = interval
@@ -72,12 +85,22 @@ class Membership:
         if self.left:
             return
         record = self.describe()
+        alive = indexed = False
         try:
-            alive = self.registered and await self.registry.heartbeat(record.agent, record.instance)
+            if self.registered:
+                alive, indexed = await self.registry.renew(record.agent, record.instance, self.tag)
         except REDIS_DOWN as exc:
             self._down(exc)
             return
+        self._unindexed = 0 if indexed or self.indexes_itself else self._unindexed + 1
         if not alive and not self.left:
+            await self._register("join")
+        elif self._unannounced is not None:
+            await self._register(self._unannounced)
+        elif self._unindexed >= REANNOUNCE_AFTER:
+            # No gateway indexed the last announcement (none ran, or it could not reach
+            # Redis then): announce again, every so often rather than at every beat.
+            self._unindexed = 0
             await self._register("join")
         elif self._outage:
             self._outage = False
@@ -86,7 +109,9 @@ class Membership:
     async def _register(self, event: str, **extra: Any) -> None:
         record = self.describe()
         try:
-            await self.registry.register(record)
+            self.tag = await self.registry.register(record)
+            if self.indexes_itself:
+                await self.registry.index(record.agent, record.instance)
         except REDIS_DOWN as exc:
             self.registered = False
             self._down(exc)
@@ -95,17 +120,24 @@ class Membership:
             self._outage = False
             logger.info("Redis reachable again; registered %s/%s", record.agent, record.instance)
         self.registered = True
-        await self._announce(event, {**record.model_dump(mode="json"), **extra})
+        announced = await self._announce(event, {**record.model_dump(mode="json"), **extra})
+        # A join not heard keeps the instance out of discovery: that one must be made again.
+        if not announced and (event == "join" or self._unannounced is None):
+            self._unannounced = event
+        elif announced:
+            self._unannounced = None
         if self.describe().behaviours != record.behaviours:
             # A behaviour changed while the write was in flight; its own update may have
             # been skipped (not yet registered), so write the newer record now.
             await self._register("behaviour")
 
-    async def _announce(self, event: str, payload: dict[str, Any]) -> None:
+    async def _announce(self, event: str, payload: dict[str, Any]) -> bool:
         try:
             await self.announce(event, payload)
         except PublishError as exc:
-            logger.warning("could not announce %s: %s", event, exc)
+            logger.warning("could not announce %s (again at the next heartbeat): %s", event, exc)
+            return False
+        return True
 
     def _down(self, exc: BaseException) -> None:
         if not self._outage:

@@ -2,48 +2,51 @@
 
 Each instance holds a *lease*: ``register`` writes its record and ``heartbeat`` renews the lease
 for ``ttl`` seconds. An instance whose lease lapses drops out of every answer at once, with nobody
-cleaning up: liveness is judged by comparing each index entry's expiry with the clock, and
-Redis deletes the record itself ``retention`` seconds later.
+cleaning up: liveness is read off the record's own expiry (``PEXPIRETIME``, Redis's clock), and
+Redis deletes the record itself ``retention`` seconds after the lease lapsed.
+
+Two writers, so that each Redis user writes only what is its own (see "Redis users" in
+``docs/architecture.md``): an instance writes its record and its agent's set of instances;
+the *indexes* discovery reads are shared by every agent, so only a trusted writer, the gateway,
+keeps them (``index``), from the record the instance wrote, when its registry event passes.
 
 Key layout, with ``R = f"{namespace}:registry"`` and ``M = f"{agent}:{instance}"``:
 
-====================== ====== =========================================================
-key                    type   holds
-====================== ====== =========================================================
-``R:inst:M``           string ``"<lease ms>:<tag>:<record JSON>"``, the tag a hash of the
-                              JSON; expires ``ttl + retention`` after the last heartbeat
-``R:idx:M``            string JSON of the indexes the instance is in, so a heartbeat
-                              renews them without rewriting the record
-``R:live``             zset   every ``M``, scored by lease expiry (epoch ms)
-``R:agent:<agent>``    zset   the agent's ``M``, scored by lease expiry
-``R:cap:<capability>`` zset   the ``M`` with that capability, scored by lease expiry
-``R:pat:<pattern>``    zset   the ``M`` with a behaviour bound with that pattern, scored
-                              by lease expiry
-``R:wild:<prefix>``    zset   wildcard patterns whose words before the first ``*`` or
-                              ``#`` are ``<prefix>`` (``a.b`` for ``a.b.*.c``, empty for
-                              ``#``), scored by the latest expiry of their instances
-====================== ====== =========================================================
+====================== ====== ===================== =========================================
+key                    type   written by            holds
+====================== ====== ===================== =========================================
+``R:inst:M``           string the instance          ``"<lease ms>:<retention ms>:<tag>:<JSON>"``,
+                                                    the tag a hash of the JSON; expires
+                                                    ``ttl + retention`` after the last heartbeat
+``R:agent:<agent>``    set    the agent's instances every ``M`` of the agent
+``R:idx:M``            string the gateway           JSON of the indexes ``M`` is in and the tag
+                                                    of the record they were taken from
+``R:live``             set    the gateway           every indexed ``M``
+``R:cap:<capability>`` set    the gateway           the ``M`` with that capability
+``R:pat:<pattern>``    set    the gateway           the ``M`` with a behaviour bound with that
+                                                    pattern
+``R:wild:<prefix>``    set    the gateway           wildcard patterns whose words before the
+                                                    first ``*`` or ``#`` are ``<prefix>``
+                                                    (``a.b`` for ``a.b.*.c``, empty for ``#``)
+====================== ====== ===================== =========================================
 
-A query by agent or capability is one Lua call that reads that index and, for each live entry,
-the head of its record: the lease (to tell the heartbeat time) and a tag that changes whenever
-the record does. The client parses a record only for a tag it has not seen, fetching those with
-one MGET, and otherwise reuses the record it parsed before (copied with the new heartbeat time
-once that changes).
+An index holds members whose records are gone until the gateway's ``sweep`` (or the leave event)
+takes them out; readers skip them, since a member counts only while its record exists.
+
+A query by agent or capability is one Lua call that reads that set and, for each member, the head
+of its record (the lease, the retention and a tag that changes whenever the record does) and its
+expiry. The client parses a record only for a tag it has not seen, fetching those with one MGET,
+and otherwise reuses the record it parsed before (copied with the new heartbeat time once that
+changes).
 
 A query by topic first collects the wildcard patterns that could match: those in the buckets of
 the topic's prefixes (``""``, ``a``, ``a.b`` and ``a.b.c`` for ``a.b.c``). It keeps those that
 :func:`mesh.topology.matches`, then reads the indexes of those patterns and of the topic itself
 (a literal binding matches only itself).
 
-Time is Redis server time (``TIME`` inside the scripts), for writes and reads alike: agents run on
-many hosts whose clocks disagree, and a single clock keeps "alive" the same answer everywhere.
-
-Index entries that lapsed more than ``retention`` ago are pruned by the writers that touch the
-index (``register`` and ``heartbeat``); an index nobody renews expires as a whole. Readers never
-write (their scripts carry the ``no-writes`` flag), so a read-only Redis user or a replica can
-serve discovery.
-
-The scripts use keys they compute, so the layout needs a single Redis (not a Redis Cluster).
+Readers never write (their scripts carry the ``no-writes`` flag), so a read-only Redis user or a
+replica can serve discovery. The scripts use keys they compute, so the layout needs a single Redis
+(not a Redis Cluster).
 """
 
 from __future__ import annotations
@@ -139,138 +142,106 @@ class AgentRecord(BaseModel):
         )
 
 
-# Shared by every script: Redis's clock in epoch milliseconds.
+# Shared by the readers: Redis's clock in epoch milliseconds.
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# The instance's idx entry is {"l": lease ms, "k": [index keys], "w": [[bucket, pattern,
-# pattern index key], ...]}. Renewing sets the lease expiry in every index, prunes entries lapsed
-# for longer than the retention, and keeps each index key alive while its newest entry needs it.
-_RENEW = """
-local function extend(key, life)
-  if redis.call('PTTL', key) < life then redis.call('PEXPIRE', key, life) end
-end
-local function renew(idx, member, now, keep)
-  local exp = now + idx.l
-  local life = idx.l + keep
-  local stale = '(' .. (now - keep)
-  for _, key in ipairs(idx.k) do
-    redis.call('ZADD', key, exp, member)
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', stale)
-    extend(key, life)
-  end
-  for _, w in ipairs(idx.w) do
-    redis.call('ZADD', w[1], 'GT', exp, w[2])
-    redis.call('ZREMRANGEBYSCORE', w[1], '-inf', stale)
-    extend(w[1], life)
-  end
-end
--- Leave the indexes of idx not in keepkeys; a wildcard pattern nobody else is bound with
--- leaves its bucket too.
+# The gateway's idx entry of a member is {"t": tag, "k": [index keys], "w": [[bucket,
+# pattern, pattern index key], ...]}.  Leaving takes the member out of the indexes not in
+# keepkeys; a wildcard pattern nobody else is bound with leaves its bucket too.
+_LEAVE = """
 local function leave(idx, member, keepkeys)
   for _, key in ipairs(idx.k) do
-    if not keepkeys[key] then redis.call('ZREM', key, member) end
+    if not keepkeys[key] then redis.call('SREM', key, member) end
   end
   for _, w in ipairs(idx.w) do
-    if not keepkeys[w[3]] and redis.call('ZCARD', w[3]) == 0 then
-      redis.call('ZREM', w[1], w[2])
+    if not keepkeys[w[3]] and redis.call('SCARD', w[3]) == 0 then
+      redis.call('SREM', w[1], w[2])
     end
   end
 end
+local function unindex(idxkey, member)
+  local old = redis.call('GET', idxkey)
+  if old then leave(cjson.decode(old), member, {}) end
+  redis.call('DEL', idxkey)
+end
 """
 
-# KEYS: record, idx.  ARGV: value, member, retention ms, idx JSON.
-_REGISTER = (
-    _NOW
-    + _RENEW
+# KEYS: record, idx.  ARGV: member, the tag the idx JSON was computed from, idx JSON.
+# Returns 1 (indexed), 0 (no record: taken out of the indexes) or -1 (the record changed since
+# it was read: read it again).
+_INDEX = (
+    _LEAVE
     + """
-local idx = cjson.decode(ARGV[4])
-local keep = tonumber(ARGV[3])
+local head = redis.call('GETRANGE', KEYS[1], 0, 63)
+local tag = string.match(head, '^%d+:%d+:(%x+):')
+if not tag then
+  unindex(KEYS[2], ARGV[1])
+  return 0
+end
+if tag ~= ARGV[2] then return -1 end
+local idx = cjson.decode(ARGV[3])
 local old = redis.call('GET', KEYS[2])
 if old then
   local keepkeys = {}
   for _, key in ipairs(idx.k) do keepkeys[key] = true end
-  leave(cjson.decode(old), ARGV[2], keepkeys)
+  leave(cjson.decode(old), ARGV[1], keepkeys)
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', idx.l + keep)
-redis.call('SET', KEYS[2], ARGV[4], 'PX', idx.l + keep)
-renew(idx, ARGV[2], now, keep)
+redis.call('SET', KEYS[2], ARGV[3])
+for _, key in ipairs(idx.k) do redis.call('SADD', key, ARGV[1]) end
+for _, w in ipairs(idx.w) do redis.call('SADD', w[1], w[2]) end
 return 1
 """
 )
 
-# KEYS: record, idx.  ARGV: member, retention ms.  Returns 0 if the record is gone.
-_HEARTBEAT = (
-    _NOW
-    + _RENEW
+# KEYS: the live set.  ARGV: key prefix R.  Takes every member whose record is gone out of
+# the indexes and of its agent's set; returns how many.
+_SWEEP = (
+    _LEAVE
     + """
-local raw = redis.call('GET', KEYS[2])
-if not raw then return 0 end
-local idx = cjson.decode(raw)
-local keep = tonumber(ARGV[2])
-if redis.call('PEXPIRE', KEYS[1], idx.l + keep) == 0 then return 0 end
-redis.call('PEXPIRE', KEYS[2], idx.l + keep)
-renew(idx, ARGV[1], now, keep)
-return 1
-"""
-)
-
-# KEYS: record, idx.  ARGV: member.
-_DEREGISTER = (
-    _RENEW
-    + """
-local raw = redis.call('GET', KEYS[2])
-if raw then leave(cjson.decode(raw), ARGV[1], {}) end
-return redis.call('DEL', KEYS[1], KEYS[2])
+local gone = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. ':inst:' .. member) == 0 then
+    unindex(ARGV[1] .. ':idx:' .. member, member)
+    redis.call('SREM', KEYS[1], member)
+    local agent = string.match(member, '^([^:]+):')
+    redis.call('SREM', ARGV[1] .. ':agent:' .. agent, member)
+    gone = gone + 1
+  end
+end
+return gone
 """
 )
 
 # KEYS: indexes to union.  ARGV: record key prefix, '1' for live entries only.
 # Returns one line per hit, "<member> <tag> <heartbeat ms> <1 if alive else 0>", joined by
 # newlines: GETRANGE reads only the head of each record, and the client parses the full record
-# only when it has not seen that tag (see Registry._fetch).
+# only when it has not seen that tag (see Registry._fetch).  The heartbeat is when the record's
+# expiry was last set: its expiry less the lease and the retention it was written with.
 _READ = (
     "#!lua flags=no-writes\n"
     + _NOW
     + """
-local low = '-inf'
-if ARGV[2] == '1' then low = '(' .. now end
 local out = {}
 local seen = {}
 for _, key in ipairs(KEYS) do
-  local hits = redis.call('ZRANGEBYSCORE', key, low, '+inf', 'WITHSCORES')
-  for i = 1, #hits, 2 do
-    local member = hits[i]
+  for _, member in ipairs(redis.call('SMEMBERS', key)) do
     if not seen[member] then
       seen[member] = true
-      local lease, tag = string.match(
-        redis.call('GETRANGE', ARGV[1] .. member, 0, 63), '^(%d+):(%x+):')
+      local record = ARGV[1] .. member
+      local lease, keep, tag = string.match(
+        redis.call('GETRANGE', record, 0, 63), '^(%d+):(%d+):(%x+):')
       if lease then
-        local exp = tonumber(hits[i + 1])
-        out[#out + 1] = member .. ' ' .. tag .. ' ' .. string.format('%.0f', exp - lease)
-          .. (exp > now and ' 1' or ' 0')
+        local ends = redis.call('PEXPIRETIME', record) - tonumber(keep)
+        local live = ends > now
+        if live or ARGV[2] ~= '1' then
+          out[#out + 1] = member .. ' ' .. tag .. ' ' .. string.format('%.0f', ends - lease)
+            .. (live and ' 1' or ' 0')
+        end
       end
     end
-  end
-end
-return table.concat(out, '\\n')
-"""
-)
-
-# KEYS: wildcard buckets.  ARGV: '1' for patterns with a live instance only.
-# Returns the patterns joined by newlines (which patterns cannot contain).
-_WILD = (
-    "#!lua flags=no-writes\n"
-    + _NOW
-    + """
-local low = '-inf'
-if ARGV[1] == '1' then low = '(' .. now end
-local out = {}
-for _, key in ipairs(KEYS) do
-  for _, pattern in ipairs(redis.call('ZRANGEBYSCORE', key, low, '+inf')) do
-    out[#out + 1] = pattern
   end
 end
 return table.concat(out, '\\n')
@@ -328,11 +299,9 @@ class Registry:
         self.prefix = f"{namespace}:registry"
         self._lease_ms = max(1, round(ttl * 1000))
         self._keep_ms = max(0, round(self.retention * 1000))
-        self._register = redis.register_script(_REGISTER)
-        self._heartbeat = redis.register_script(_HEARTBEAT)
-        self._deregister = redis.register_script(_DEREGISTER)
+        self._index = redis.register_script(_INDEX)
+        self._sweep = redis.register_script(_SWEEP)
         self._read = redis.register_script(_READ)
-        self._read_wild = redis.register_script(_WILD)
         self.cache_size = cache_size
         self._parsed: dict[str, InstanceRecord] = {}  # by tag
         self._answers: dict[str, InstanceRecord] = {}  # by line of the read script
@@ -362,19 +331,104 @@ class Registry:
         # check_name keeps ':' out of both, so the member splits back unambiguously
         return f"{check_name('agent', agent)}:{check_name('instance', instance)}"
 
-    # -- writes -----------------------------------------------------------------------------
+    # -- an instance's own writes -----------------------------------------------------------
 
-    async def register(self, record: InstanceRecord) -> None:
-        """Write or replace ``record`` and start a lease of ``ttl`` seconds.
+    async def register(self, record: InstanceRecord) -> str:
+        """Write or replace ``record`` and start a lease of ``ttl`` seconds; its tag.
 
         Call it again whenever the record changes (a behaviour starts, stops or fails).
+        Discovery by capability or topic finds it once the gateway ``index``es it.
         """
+        member = self._member(record.agent, record.instance)
+        self._index_of(record)  # refuses what cannot be indexed before anything is written
+        body = record.model_dump_json(exclude={"heartbeat_at", "alive"})
+        tag = hashlib.blake2b(body.encode(), digest_size=8).hexdigest()
+        life = self._lease_ms + self._keep_ms
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._record_key(member), f"{self._lease_ms}:{self._keep_ms}:{tag}:{body}")
+            pipe.pexpire(self._record_key(member), life)
+            pipe.sadd(self._agent_key(record.agent), member)
+            pipe.pexpire(self._agent_key(record.agent), life)
+            await pipe.execute()
+        logger.debug("registered %s", member)
+        return tag
+
+    async def heartbeat(self, agent: str, instance: str) -> bool:
+        """Renew the instance's lease; False if its record is gone and it must register again."""
+        renewed, _ = await self.renew(agent, instance, "")
+        return renewed
+
+    async def renew(self, agent: str, instance: str, tag: str) -> tuple[bool, bool]:
+        """Renew the instance's lease, in one round trip with asking whether the indexes
+        hold its record of ``tag``: (renewed, indexed).  Not renewed: its record is gone."""
+        member = self._member(agent, instance)
+        life = self._lease_ms + self._keep_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.pexpire(self._record_key(member), life)
+            pipe.pexpire(self._agent_key(agent), life)
+            pipe.get(self._idx_key(member))
+            renewed, _, idx = await pipe.execute()
+        if not renewed:
+            logger.info("registry record of %s is gone; it must register again", member)
+        return bool(renewed), idx is not None and json.loads(idx).get("t") == tag
+
+    async def deregister(self, agent: str, instance: str) -> None:
+        """Remove the instance's record at once (a clean shutdown)."""
+        member = self._member(agent, instance)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._record_key(member))
+            pipe.srem(self._agent_key(agent), member)
+            await pipe.execute()
+        logger.debug("deregistered %s", member)
+
+    async def indexed(self, agent: str, instance: str, tag: str) -> bool:
+        """Whether the indexes hold the instance as its record with ``tag`` describes it."""
+        raw = await self.redis.get(self._idx_key(self._member(agent, instance)))
+        return raw is not None and json.loads(raw).get("t") == tag
+
+    # -- the gateway's writes ---------------------------------------------------------------
+
+    async def index(self, agent: str, instance: str) -> bool:
+        """Make the indexes say what the instance's record says; False when it has none
+        (the instance is then taken out of them).
+
+        Only the gateway calls this, for the instance whose registry event it authenticated:
+        the indexes are shared by every agent, so no agent may write them.  Raises
+        ``ValueError`` for a record that is not the instance's own.
+        """
+        member = self._member(agent, instance)
+        for _ in range(10):
+            raw = await self.redis.get(self._record_key(member))
+            if raw is None:
+                keys = [self._record_key(member), self._idx_key(member)]
+                await self._index(keys=keys, args=[member, "", "{}"])
+                return False
+            _, _, tag, body = _text(raw).split(":", 3)
+            record = InstanceRecord.model_validate_json(body)
+            if (record.agent, record.instance) != (agent, instance):
+                raise ValueError(
+                    f"the record of {member} describes {record.agent}:{record.instance}"
+                )
+            idx = json.dumps({"t": tag, **self._index_of(record)})
+            done = await self._index(
+                keys=[self._record_key(member), self._idx_key(member)], args=[member, tag, idx]
+            )
+            if done != -1:
+                return bool(done)
+        raise RuntimeError(f"the record of {member} kept changing while it was indexed")
+
+    async def sweep(self) -> int:
+        """Take instances whose records are gone out of every index; how many."""
+        return int(await self._sweep(keys=[f"{self.prefix}:live"], args=[self.prefix]))
+
+    def _index_of(self, record: InstanceRecord) -> dict[str, Any]:
+        """The index keys of ``record`` (``k``) and its wildcard buckets (``w``)."""
         member = self._member(record.agent, record.instance)
         patterns = sorted({check_binding(p) for b in record.behaviours for p in b.binding_keys})
         for cap in record.capabilities:
             if not cap:
                 raise ValueError(f"instance {member}: capabilities must not be empty strings")
-        keys = [f"{self.prefix}:live", self._agent_key(record.agent)]
+        keys = [f"{self.prefix}:live"]
         keys += [self._cap_key(c) for c in sorted(set(record.capabilities))]
         keys += [self._pattern_key(p) for p in patterns]
         wild = [
@@ -382,32 +436,7 @@ class Registry:
             for p in patterns
             if _is_wild(p)
         ]
-        idx = json.dumps({"l": self._lease_ms, "k": keys, "w": wild})
-        body = record.model_dump_json(exclude={"heartbeat_at", "alive"})
-        tag = hashlib.blake2b(body.encode(), digest_size=8).hexdigest()
-        await self._register(
-            keys=[self._record_key(member), self._idx_key(member)],
-            args=[f"{self._lease_ms}:{tag}:{body}", member, self._keep_ms, idx],
-        )
-        logger.debug("registered %s", member)
-
-    async def heartbeat(self, agent: str, instance: str) -> bool:
-        """Renew the instance's lease; False if its record is gone and it must register again."""
-        member = self._member(agent, instance)
-        renewed = await self._heartbeat(
-            keys=[self._record_key(member), self._idx_key(member)], args=[member, self._keep_ms]
-        )
-        if not renewed:
-            logger.info("registry record of %s is gone; it must register again", member)
-        return bool(renewed)
-
-    async def deregister(self, agent: str, instance: str) -> None:
-        """Remove the instance from the registry at once (a clean shutdown)."""
-        member = self._member(agent, instance)
-        await self._deregister(
-            keys=[self._record_key(member), self._idx_key(member)], args=[member]
-        )
-        logger.debug("deregistered %s", member)
+        return {"k": keys, "w": wild}
 
     # -- discovery --------------------------------------------------------------------------
 
@@ -486,8 +515,8 @@ class Registry:
         # the candidates are the buckets of the topic's prefixes, not every pattern there is.
         words = topic.split(".")
         buckets = [self._bucket_key(".".join(words[:n])) for n in range(len(words) + 1)]
-        joined = _text(await self._read_wild(keys=buckets, args=["1" if alive else "0"]))
-        matched = {topic} | {p for p in joined.split("\n") if p and matches(p, topic)}
+        patterns = await self.redis.sunion(buckets)
+        matched = {topic} | {p for p in map(_text, patterns) if matches(p, topic)}
         # The indexes hold exactly the instances bound with each pattern: no need to check.
         found = await self._fetch([self._pattern_key(p) for p in matched], alive)
         return found, matched
@@ -512,7 +541,9 @@ class Registry:
         fresh = await self._load(missing) if missing else {}
         for line, (member, tag, beat, live) in new:
             base = fresh.get(member) or parsed.get(tag)
-            if base is not None:  # else deregistered between the two reads
+            # None: deregistered between the two reads.  Another's identity: a record an
+            # instance wrote about someone else, which the registry never shows.
+            if base is not None and f"{base.agent}:{base.instance}" == member:
                 heartbeat = datetime.fromtimestamp(int(beat) / 1000, UTC)
                 update = {"heartbeat_at": heartbeat, "alive": live == "1"}
                 answers[line] = base.model_copy(update=update)
@@ -525,12 +556,12 @@ class Registry:
         tags, bodies = [], []
         for value in values:
             if value is not None:
-                _, tag, body = _text(value).split(":", 2)
+                _, _, tag, body = _text(value).split(":", 3)
                 tags.append(tag)
                 bodies.append(body)
         records = _RECORDS.validate_json(f"[{','.join(bodies)}]")
         self._parsed.update(zip(tags, records, strict=True))
-        return {self._member(r.agent, r.instance): r for r in records}
+        return {f"{r.agent}:{r.instance}": r for r in records}
 
 
 def _group(records: Iterable[InstanceRecord]) -> list[AgentRecord]:

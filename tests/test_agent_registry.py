@@ -272,17 +272,21 @@ async def test_sigkilled_instance_disappears_when_its_lease_lapses(
     """A SIGKILLed process never deregisters; once its heartbeat lapses it drops out of every
     answer by itself, and its agent is no longer alive."""
     registry = registry_of(redis, fast)
-    async with mesh_run(fast, "Sleeper", "sleeper", "doomed", tmp_path) as proc:
+    async with (
+        running(Gateway(settings=fast)),
+        mesh_run(fast, "Sleeper", "sleeper", "doomed", tmp_path) as proc,
+    ):
 
-        async def registered() -> AgentRecord | None:
+        async def indexed() -> bool:
             proc.check_running()
-            return await registry.agent("sleeper")
+            return await registry.receivers(SLEEPER_TOPIC) == [("sleeper", "poke")]
 
-        record = await eventually(registered, timeout=30)
+        await eventually(indexed, timeout=30)
+        record = await registry.agent("sleeper")
+        assert record is not None
         [inst] = record.instances
         assert (inst.instance, inst.pid, inst.version) == ("doomed", proc.pid, "7.1")
         assert inst.metadata == {"role": "sleeper"}
-        assert await registry.receivers(SLEEPER_TOPIC) == [("sleeper", "poke")]
 
         await proc.kill()
 
@@ -307,6 +311,7 @@ async def test_agent_stays_alive_while_another_instance_lives(
     """An agent is alive while any instance is: killing one replica leaves the other listed."""
     registry = registry_of(redis, fast)
     async with (
+        running(Gateway(settings=fast)),
         Sleeper("sleeper", settings=fast, instance="stays"),
         mesh_run(fast, "Sleeper", "sleeper", "doomed", tmp_path) as proc,
     ):
@@ -384,12 +389,12 @@ async def test_discover_by_capability_and_topic(settings: Settings) -> None:
     speedo2 = SpeedoWithGps("speedo", settings=settings, instance="s2")
     fleet = Fleet("fleet", settings=settings)
     forecast = Forecast("forecast", settings=settings)
-    async with running(speedo1, speedo2, fleet, forecast):
+    async with running(Gateway(settings=settings), speedo1, speedo2, fleet, forecast):
 
         async def names(**query: Any) -> list[str]:
             return [r.agent for r in await fleet.discover(**query)]
 
-        assert await names() == ["fleet", "forecast", "speedo"]
+        assert await names() == ["fleet", "forecast", "gateway", "speedo"]
         assert await names(capability="telemetry") == ["fleet", "speedo"]
         assert await names(capability="billing") == ["fleet"]
         assert await names(capability="nothing") == []
@@ -512,6 +517,7 @@ async def test_cli_agents_lists_and_shows_registered_agents(settings: Settings) 
     """``mesh agents`` and ``mesh agents show ID`` (text and --json) answer from the registry;
     an unknown id is an error."""
     async with running(
+        Gateway(settings=settings),
         Sleeper("cli-a", settings=settings, instance="a1"),
         Sleeper("cli-a", settings=settings, instance="a2"),
         Fleet("cli-b", settings=settings, instance="b1"),
@@ -519,8 +525,8 @@ async def test_cli_agents_lists_and_shows_registered_agents(settings: Settings) 
         code, out, err = await mesh_cli(settings, "agents", "--json")
         assert code == 0, err
         records = [AgentRecord.model_validate(r) for r in json.loads(out)]
-        assert [r.agent for r in records] == ["cli-a", "cli-b"]
-        a, b = records
+        assert [r.agent for r in records] == ["cli-a", "cli-b", "gateway"]
+        a, b, _ = records
         assert [i.instance for i in a.instances] == ["a1", "a2"]
         assert a.alive
         assert a.capabilities == ["sleeping"]

@@ -13,9 +13,23 @@ from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord, Registry
 from mesh.topology import TopicError
 
 
+class IndexedRegistry(Registry):
+    """Registers as an instance does, and indexes at once as the gateway does when the
+    instance's registry event passes: what tests of discovery need."""
+
+    async def register(self, record: InstanceRecord) -> str:
+        tag = await super().register(record)
+        await self.index(record.agent, record.instance)
+        return tag
+
+    async def deregister(self, agent: str, instance: str) -> None:
+        await super().deregister(agent, instance)
+        await self.index(agent, instance)
+
+
 @pytest.fixture
 def registry(redis: aioredis.Redis, namespace: str) -> Registry:
-    return Registry(redis, namespace, ttl=30)
+    return IndexedRegistry(redis, namespace, ttl=30)
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
@@ -135,7 +149,7 @@ async def _heartbeat_moved(registry: Registry, since: datetime) -> bool:
 
 
 async def test_lapsed_instance_disappears_by_itself(redis: aioredis.Redis, namespace: str) -> None:
-    short = Registry(redis, namespace, ttl=0.5, retention=0.5)
+    short = IndexedRegistry(redis, namespace, ttl=0.5, retention=0.5)
     await short.register(record("gone", capabilities=["c"], bindings={"b": ["t.#"]}))
     await short.register(record("kept", capabilities=["c"], bindings={"b": ["t.#"]}))
     assert len(await short.instances(capability="c")) == 2
@@ -165,7 +179,7 @@ async def test_lapsed_instance_disappears_by_itself(redis: aioredis.Redis, names
 async def test_alive_false_shows_recently_lapsed_instances(
     redis: aioredis.Redis, namespace: str
 ) -> None:
-    short = Registry(redis, namespace, ttl=0.3, retention=60)
+    short = IndexedRegistry(redis, namespace, ttl=0.3, retention=60)
     await short.register(record("a", capabilities=["c"]))
 
     async def lapsed() -> bool:
@@ -291,3 +305,63 @@ async def test_rejects_bad_names(registry: Registry) -> None:
         await registry.register(record("a", bindings={"b": ["bad..pattern"]}))
     with pytest.raises(ValueError):
         await registry.register(record("a", capabilities=[""]))
+
+
+async def test_an_instance_is_discovered_by_capability_or_topic_once_indexed(
+    redis: aioredis.Redis, namespace: str
+) -> None:
+    """An instance writes only its own record; the shared indexes wait for the gateway."""
+    own = Registry(redis, namespace, ttl=30)
+    rec = record("a", capabilities=["c"], bindings={"b": ["t.*"]})
+    tag = await own.register(rec)
+    assert [r.instance for r in await own.instances(agent="a")] == ["i1"]
+    assert await own.instances(capability="c") == []
+    assert await own.instances(topic="t.x") == []
+    assert await own.instances() == []
+    assert await own.renew("a", "i1", tag) == (True, False)
+    assert not await own.indexed("a", "i1", tag)
+
+    assert await own.index("a", "i1")
+    assert await own.indexed("a", "i1", tag)
+    assert await own.renew("a", "i1", tag) == (True, True)
+    assert [r.instance for r in await own.instances(capability="c")] == ["i1"]
+    assert await own.receivers("t.x") == [("a", "b")]
+    # a changed record is not the one indexed until the gateway indexes it again
+    newer = await own.register(record("a", capabilities=["d"]))
+    assert not await own.indexed("a", "i1", newer)
+
+
+async def test_a_record_about_someone_else_is_neither_indexed_nor_shown(
+    redis: aioredis.Redis, namespace: str, registry: Registry
+) -> None:
+    """An instance can write its own keys only; what it writes there about another agent
+    must not make that agent appear."""
+    await registry.register(record("v8", capabilities=["c"]))
+    forged = record("v8", "fake", capabilities=["c"])
+    body = forged.model_dump_json(exclude={"heartbeat_at", "alive"})
+    await redis.set(f"{namespace}:registry:inst:v7:fake", f"30000:90000:00ff:{body}", px=60_000)
+    await redis.sadd(f"{namespace}:registry:agent:v7", "v7:fake")
+    with pytest.raises(ValueError, match="describes v8:fake"):
+        await registry.index("v7", "fake")
+    assert await registry.instances(agent="v7") == []
+    assert [r.instance for r in await registry.instances(agent="v8")] == ["i1"]
+    assert [r.instance for r in await registry.instances(capability="c")] == ["i1"]
+
+
+async def test_sweep_takes_instances_whose_records_lapsed_out_of_the_indexes(
+    redis: aioredis.Redis, namespace: str
+) -> None:
+    short = IndexedRegistry(redis, namespace, ttl=0.2, retention=0)
+    await short.register(record("gone", capabilities=["c"], bindings={"b": ["t.#"]}))
+    await short.register(record("kept", capabilities=["c"], bindings={"b": ["t.*"]}))
+    assert await short.sweep() == 0
+
+    async def gone_lapsed() -> bool:
+        await short.heartbeat("kept", "i1")
+        return not await redis.exists(f"{namespace}:registry:inst:gone:i1")
+
+    await eventually(gone_lapsed)
+    assert await short.sweep() == 1
+    assert await redis.smembers(f"{namespace}:registry:live") == {b"kept:i1"}
+    assert await redis.smembers(f"{namespace}:registry:wild:t") == {b"t.*"}
+    assert not await redis.exists(f"{namespace}:registry:idx:gone:i1")

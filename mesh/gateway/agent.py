@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ from mesh.gateway.authorize import Authorize
 from mesh.gateway.decode import Decode
 from mesh.gateway.filer import DeadLetterFiler
 from mesh.gateway.guard import Guard
+from mesh.gateway.indexer import RegistryIndexer
 from mesh.gateway.pipeline import Pipeline, Stage
 from mesh.gateway.relay import InternalRelay, Relay
 from mesh.gateway.replies import BindReplies
+from mesh.membership import REDIS_DOWN
 from mesh.policy import Policy, PolicyError, load_policy
 
 logger = logging.getLogger(__name__)
@@ -27,12 +30,14 @@ def default_stages(
     gateway: str = "gateway",
     *,
     authorize: Authorize | None = None,
+    indexer: RegistryIndexer | None = None,
     replies: BindReplies | None = None,
 ) -> list[Stage]:
     """The gateway's stages.  ``authorize`` enforces a policy (without it: open mode);
-    ``replies`` (a ``BindReplies`` on the mesh's Redis) binds replies to requests, and a
-    gateway without it relays any reply."""
-    optional: list[Stage] = [s for s in (authorize, replies) if s is not None]
+    ``indexer`` keeps the registry's indexes from registry events, and without it discovery
+    finds no agent; ``replies`` (a ``BindReplies`` on the mesh's Redis) binds replies to
+    requests, and a gateway without it relays any reply."""
+    optional: list[Stage] = [s for s in (authorize, indexer, replies) if s is not None]
     return [Decode(), Guard(gateway), Authenticate(), *optional, Audit()]
 
 
@@ -43,6 +48,7 @@ class Gateway(Agent):
     behaviours = [Relay, InternalRelay, DeadLetterFiler]
     control_commands = frozenset({"ping"})
     broadcast_control = False
+    indexes_registry = True
 
     def __init__(
         self, id: str = "gateway", *, stages: list[Stage] | None = None, **kwargs: Any
@@ -53,7 +59,10 @@ class Gateway(Agent):
             namespace = self.settings.namespace
             authorize = None if self.policy is None else Authorize(self.policy, namespace)
             stages = default_stages(
-                self.id, authorize=authorize, replies=BindReplies(self.redis, namespace)
+                self.id,
+                authorize=authorize,
+                indexer=RegistryIndexer(self.registry),
+                replies=BindReplies(self.redis, namespace),
             )
         pipeline = Pipeline(stages)
         for name in (Relay.name, InternalRelay.name):
@@ -74,6 +83,20 @@ class Gateway(Agent):
         else:
             logger.info("gateway %s enforces the policy %s", self.id, self.policy.source)
         await super().on_start()
+        self.add_future(self._sweep_registry())
+
+    async def _sweep_registry(self) -> None:
+        """Take instances whose records lapsed out of the registry's indexes, now and then
+        (a clean leave does it at once; a crash leaves it to this)."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_ttl)
+            try:
+                swept = await self.registry.sweep()
+            except REDIS_DOWN as exc:
+                logger.debug("registry sweep skipped (Redis unreachable: %s)", exc)
+                continue
+            if swept:
+                logger.info("took %d lapsed instances out of the registry's indexes", swept)
 
 
 def _load_policy(settings: Settings) -> Policy | None:
