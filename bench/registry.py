@@ -209,6 +209,12 @@ async def main(args: argparse.Namespace) -> None:
             f"registered {len(everyone)} instances of {args.agents} agents in {elapsed:.2f} s "
             f"({len(everyone) / elapsed:.0f}/s); redis {url.rsplit('@', 1)[-1]}"
         )
+        # What the gateway does when each instance's join event passes.
+        start = time.perf_counter()
+        for batch in range(0, len(everyone), 50):
+            await asyncio.gather(*(registry.index(a, n) for a, n in everyone[batch : batch + 50]))
+        elapsed = time.perf_counter() - start
+        print(f"indexed them in {elapsed:.2f} s ({len(everyone) / elapsed:.0f}/s)")
         await timed(
             "heartbeat",
             args.iterations,
