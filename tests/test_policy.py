@@ -141,7 +141,7 @@ def test_the_example_policy_is_valid_and_allows_what_the_demo_does() -> None:
         ),
         pytest.param(
             "principals: {}\nrulez: []\n",
-            "policy.yaml:2: unknown key 'rulez' (expected principals, roles, rule_sets)",
+            "policy.yaml:2: unknown key 'rulez' (expected principals, roles, rule_sets, schemas)",
             id="unknown key at the top",
         ),
         pytest.param(
@@ -268,7 +268,9 @@ def test_the_example_policy_is_valid_and_allows_what_the_demo_does() -> None:
             id="not YAML",
         ),
         pytest.param(
-            "", "policy.yaml:1: empty policy (expected principals, roles, rule_sets)", id="empty"
+            "",
+            "policy.yaml:1: empty policy (expected principals, roles, rule_sets, schemas)",
+            id="empty",
         ),
         pytest.param(
             "principals:\n  a: {kind: agent}\nrule_sets:\n  t:\n    rules:\n"
@@ -307,7 +309,8 @@ def test_the_example_policy_is_valid_and_allows_what_the_demo_does() -> None:
         ),
         pytest.param(
             "- a\n",
-            "policy.yaml:1: a policy is a mapping of principals, roles, rule_sets, not ['a']",
+            "policy.yaml:1: a policy is a mapping of principals, roles, rule_sets, schemas, "
+            "not ['a']",
             id="not a mapping",
         ),
     ],

@@ -20,7 +20,7 @@ from pydantic import (
 
 from mesh.policy.globs import check_glob
 from mesh.policy.topics import check_rule_pattern
-from mesh.topology import TopicError, check_name
+from mesh.topology import TopicError, check_binding, check_name, check_pattern
 
 Action = Literal["publish", "subscribe", "request", "reply", "control"]
 ACTIONS: tuple[Action, ...] = get_args(Action)
@@ -217,6 +217,130 @@ class RuleSetSpec(Spec):
         return _one_of("mode", value, MODES)
 
 
+class SchemaVersionSpec(Spec):
+    """One version of a named schema (Draft 2020-12): ``inline`` in the policy, from a
+    ``file`` (JSON or YAML, relative to the policy file), or a pydantic ``model``
+    (``module:Model``, its JSON Schema)."""
+
+    SOURCES: ClassVar[tuple[str, ...]] = ("inline", "file", "model")
+
+    version: int
+    inline: Any = None
+    file: str | None = None
+    model: str | None = None
+
+    @field_validator("inline")
+    @classmethod
+    def _inline(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, dict | bool):
+            raise ValueError(f"a JSON Schema is a mapping or true/false, not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _source(self) -> SchemaVersionSpec:
+        if self.version < 1:
+            raise ValueError(f"version {self.version} must be 1 or more")
+        given = [name for name in self.SOURCES if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a schema version has one source: inline: {JSON Schema}, file: PATH or "
+                f"model: module:Model (got {', '.join(given) or 'none'})"
+            )
+        if self.model is not None:
+            module, _, name = self.model.partition(":")
+            if not module or not name:
+                raise ValueError(f"model {self.model!r} is not of the form module:Model")
+        return self
+
+    @property
+    def source(self) -> str:
+        """Where the schema comes from, as a person would name it."""
+        if self.file is not None:
+            return f"file {self.file}"
+        if self.model is not None:
+            return f"model {self.model}"
+        return "inline"
+
+
+def _schema_ref(value: str) -> str:
+    # ``name`` (every version) or ``name@version``, as x-mesh-schema names one.
+    name, at, version = value.partition("@")
+    _name(name)
+    if at and not (version.isdigit() and version[0] != "0"):
+        raise ValueError(f"{value!r}: the version after '@' is a number from 1 (reading@2)")
+    return value
+
+
+def _payload_pattern(pattern: str) -> str:
+    if pattern.startswith(("_req.", "_reply.", "_err.")):
+        raise ValueError(
+            f"{pattern!r}: requests take request: {{agent: GLOB, operation: GLOB}}, and "
+            "replies are not checked (their routing key does not name the operation)"
+        )
+    return _mesh_pattern(pattern)
+
+
+def _mesh_pattern(pattern: str) -> str:
+    # User topics, or the mesh's own keys when the pattern names their prefix itself.
+    try:
+        if pattern.split(".", 1)[0] in ("_registry", "_ctl", "_req"):
+            return check_binding(pattern)
+        return check_pattern(pattern)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _required_pattern(pattern: str) -> str:
+    if pattern.startswith(("_reply.", "_err.")):
+        raise ValueError(f"{pattern!r}: replies are not checked, so none can be required")
+    return _mesh_pattern(pattern)
+
+
+SchemaRefs = Annotated[
+    list[Annotated[str, AfterValidator(_schema_ref)]], BeforeValidator(_listed)
+]
+PayloadPatterns = Annotated[
+    list[Annotated[str, AfterValidator(_payload_pattern)]], BeforeValidator(_listed)
+]
+RequiredPatterns = Annotated[
+    list[Annotated[str, AfterValidator(_required_pattern)]], BeforeValidator(_listed)
+]
+
+
+class PayloadSpec(Spec):
+    """Which schemas (``accept``: ``name`` for every version, or ``name@version``) the
+    payloads on some topics, or of some request operations, follow."""
+
+    topics: PayloadPatterns | None = None
+    request: RequestSpec | None = None
+    accept: SchemaRefs
+
+    @model_validator(mode="after")
+    def _target(self) -> PayloadSpec:
+        if (self.topics is None) == (self.request is None):
+            raise ValueError(
+                "a payload entry names topics: [patterns] or request: {agent: GLOB, "
+                "operation: GLOB}, one of them"
+            )
+        if self.request is not None and "{self}" in self.request.agent + self.request.operation:
+            raise ValueError("{self} stands for the acting agent in rules; schemas apply to all")
+        if not self.accept:
+            raise ValueError("accept: names no schema (name, or name@version)")
+        return self
+
+
+class SchemasSpec(Spec):
+    """Payload schemas: named and versioned ``definitions``, the ``payloads`` that follow
+    them, and the topics that ``require`` one."""
+
+    definitions: dict[PolicyName, list[SchemaVersionSpec]] = {}
+    """Schema name → its versions."""
+    payloads: list[PayloadSpec] = []
+    require: RequiredPatterns = []
+    """Routing-key patterns whose messages must have a schema; a pattern applies to the
+    mesh's own keys (``_req.``, ``_ctl.``, ``_registry.``) only when it starts with one."""
+
+
 class PolicyFile(Spec):
     """The whole file."""
 
@@ -224,3 +348,4 @@ class PolicyFile(Spec):
     roles: dict[PolicyName, Names] = {}
     """Role name → the principals that hold it."""
     rule_sets: dict[PolicyName, RuleSetSpec] = {}
+    schemas: SchemasSpec = SchemasSpec()

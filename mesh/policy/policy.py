@@ -12,6 +12,7 @@ from mesh.policy import globs
 from mesh.policy.decision import CompiledRule, Decision, RuleRef, parse_target
 from mesh.policy.errors import Location, PolicyError, Problem
 from mesh.policy.model import ACTIONS, EVERYONE, Action, Kind, Mode, PolicyFile, RuleSpec
+from mesh.policy.schemas import compile_schemas
 from mesh.policy.topics import expand
 
 BROKER_ACTIONS: frozenset[Action] = frozenset({"subscribe"})
@@ -68,6 +69,9 @@ class Policy:
         self._globs: list[tuple[str, Principal]] = []
         self._index_agents()
         self.rules: tuple[CompiledRule, ...] = tuple(self._compile_rules())
+        base = source.parent if source is not None else Path()
+        self.schemas, problems = compile_schemas(spec.schemas, base, self._lines)
+        self._problems += problems
         if self._problems:
             raise PolicyError(self._problems)
         self.modes: dict[str, Mode] = {name: s.mode for name, s in spec.rule_sets.items()}
