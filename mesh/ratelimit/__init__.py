@@ -1,0 +1,17 @@
+"""Rate limits: token buckets per principal (or shared by a role) and topic pattern, kept in
+Redis so that every gateway replica counts against the same buckets.
+
+``LimitSpec`` is a limit as the policy file states it; ``RateLimiter.take`` decides.
+"""
+
+from mesh.ratelimit.limiter import RateLimiter, RateLimitUnavailable, Verdict
+from mesh.ratelimit.spec import UNITS, LimitSpec, parse_rate
+
+__all__ = [
+    "UNITS",
+    "LimitSpec",
+    "RateLimitUnavailable",
+    "RateLimiter",
+    "Verdict",
+    "parse_rate",
+]
