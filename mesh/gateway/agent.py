@@ -20,6 +20,7 @@ from mesh.gateway.indexer import RegistryIndexer
 from mesh.gateway.pipeline import Pipeline, Stage
 from mesh.gateway.relay import InternalRelay, Relay
 from mesh.gateway.replies import BindReplies
+from mesh.gateway.schema import SchemaCheck
 from mesh.membership import REDIS_DOWN
 from mesh.policy import Policy, PolicyError, load_policy
 
@@ -30,14 +31,17 @@ def default_stages(
     gateway: str = "gateway",
     *,
     authorize: Authorize | None = None,
+    schema: SchemaCheck | None = None,
     indexer: RegistryIndexer | None = None,
     replies: BindReplies | None = None,
 ) -> list[Stage]:
     """The gateway's stages.  ``authorize`` enforces a policy (without it: open mode);
-    ``indexer`` keeps the registry's indexes from registry events, and without it discovery
-    finds no agent; ``replies`` (a ``BindReplies`` on the mesh's Redis) binds replies to
-    requests, and a gateway without it relays any reply."""
-    optional: list[Stage] = [s for s in (authorize, indexer, replies) if s is not None]
+    ``schema`` checks payloads against the policy's schemas (before the indexer and reply
+    bindings act on a message it refuses); ``indexer`` keeps the registry's indexes from
+    registry events, and without it discovery finds no agent; ``replies`` (a
+    ``BindReplies`` on the mesh's Redis) binds replies to requests, and a gateway without it
+    relays any reply."""
+    optional: list[Stage] = [s for s in (authorize, schema, indexer, replies) if s is not None]
     return [Decode(), Guard(gateway), Authenticate(), *optional, Audit()]
 
 
@@ -58,9 +62,11 @@ class Gateway(Agent):
         if stages is None:
             namespace = self.settings.namespace
             authorize = None if self.policy is None else Authorize(self.policy, namespace)
+            schemas = None if self.policy is None else self.policy.schemas
             stages = default_stages(
                 self.id,
                 authorize=authorize,
+                schema=SchemaCheck(schemas) if schemas is not None and schemas.declared else None,
                 indexer=RegistryIndexer(self.registry),
                 replies=BindReplies(self.redis, namespace),
             )
