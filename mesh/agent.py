@@ -466,11 +466,21 @@ class Agent(Service):
         behaviour: str | None = None,
         headers: dict[str, Any] | None = None,
         expiration: float | None = None,
+        schema: str | None = None,
     ) -> str:
-        """Publish an event through the gateway; returns its message id once confirmed."""
+        """Publish an event through the gateway; returns its message id once confirmed.
+
+        ``schema`` names the schema version the payload was written against
+        (``reading@2``, header ``x-mesh-schema``), for topics the policy gives schemas.
+        """
         topology.check_topic(topic)
         message = self._message(
-            topic, payload, behaviour=behaviour, headers=headers or {}, expiration=expiration
+            topic,
+            payload,
+            behaviour=behaviour,
+            headers=headers or {},
+            expiration=expiration,
+            schema_id=schema,
         )
         await self.send(message, topic)
         return message.message_id
@@ -484,11 +494,13 @@ class Agent(Service):
         timeout: float | None = None,
         behaviour: str | None = None,
         model: type[M] | None = None,
+        schema: str | None = None,
     ) -> Any:
         """Call ``operation`` on one instance of ``agent``; return the reply's payload.
 
         Raises ``RequestTimeout`` when no reply comes within ``timeout`` seconds and
-        ``RemoteError`` when the handler failed or nobody serves the operation.
+        ``RemoteError`` when the handler failed or nobody serves the operation.  ``schema``
+        names the payload's schema version, as for ``publish``.
         """
         timeout = self.settings.request_timeout if timeout is None else timeout
         key = topology.request_key(
@@ -511,6 +523,7 @@ class Agent(Service):
             correlation_id=correlation,
             reply_to=self.reply_to,
             expiration=timeout,
+            schema_id=schema,
         )
         awaited = self._awaited[correlation] = _Awaited(agent)
         try:

@@ -170,6 +170,7 @@ class Host(Protocol):
         behaviour: str | None = None,
         headers: dict[str, Any] | None = None,
         expiration: float | None = None,
+        schema: str | None = None,
     ) -> str: ...
 
     async def request(
@@ -180,6 +181,7 @@ class Host(Protocol):
         *,
         timeout: float | None = None,
         behaviour: str | None = None,
+        schema: str | None = None,
     ) -> Any: ...
 
     async def reply(self, request: Message, result: Any, *, error: bool = False) -> None: ...
@@ -351,18 +353,31 @@ class Behaviour:
         *,
         headers: dict[str, Any] | None = None,
         expiration: float | None = None,
+        schema: str | None = None,
     ) -> str:
-        """Publish through the gateway; returns the message id once the broker confirmed it."""
+        """Publish through the gateway; returns the message id once the broker confirmed it.
+        ``schema`` names the payload's schema version (``reading@2``)."""
         return await self.agent.publish(
-            topic, payload, behaviour=self.name, headers=headers, expiration=expiration
+            topic,
+            payload,
+            behaviour=self.name,
+            headers=headers,
+            expiration=expiration,
+            schema=schema,
         )
 
     async def request(
-        self, agent: str, operation: str, payload: Any = None, *, timeout: float | None = None
+        self,
+        agent: str,
+        operation: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        schema: str | None = None,
     ) -> Any:
         """Call ``operation`` on ``agent`` and return the reply's payload."""
         return await self.agent.request(
-            agent, operation, payload, timeout=timeout, behaviour=self.name
+            agent, operation, payload, timeout=timeout, behaviour=self.name, schema=schema
         )
 
     @property
