@@ -63,6 +63,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from redis.exceptions import NoScriptError
 
 from mesh.topology import TopicError, check_binding, check_name, matches
 
@@ -248,6 +249,23 @@ return table.concat(out, '\\n')
 """
 )
 
+class ReadOnlyScript:
+    """A script run with ``EVALSHA_RO``: Redis lets a user run ``EVALSHA`` only on keys it may
+    write, but the read-only form on keys it may read, and agents may only read the indexes."""
+
+    def __init__(self, redis: aioredis.Redis, source: str) -> None:
+        self.redis = redis
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[str]) -> Any:
+        try:
+            return await self.redis.evalsha_ro(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.redis.script_load(self.source)
+            return await self.redis.evalsha_ro(self.sha, len(keys), *keys, *args)
+
+
 _RECORDS: TypeAdapter[list[InstanceRecord]] = TypeAdapter(list[InstanceRecord])
 
 
@@ -301,7 +319,7 @@ class Registry:
         self._keep_ms = max(0, round(self.retention * 1000))
         self._index = redis.register_script(_INDEX)
         self._sweep = redis.register_script(_SWEEP)
-        self._read = redis.register_script(_READ)
+        self._read = ReadOnlyScript(redis, _READ)
         self.cache_size = cache_size
         self._parsed: dict[str, InstanceRecord] = {}  # by tag
         self._answers: dict[str, InstanceRecord] = {}  # by line of the read script

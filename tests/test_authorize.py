@@ -20,7 +20,7 @@ from mesh.envelope import H_DEAD_BY, H_DEAD_BY_USER, H_ON_BEHALF_OF, to_amqp
 from mesh.gateway import Gateway
 from mesh.management import ManagementAPI
 from mesh.policy import broker_user
-from mesh.provision.credentials import amqp_url_as
+from mesh.provision.credentials import url_as
 
 POLICY = """
 principals:
@@ -81,7 +81,7 @@ async def as_principal(
         made.append(user)
         return settings.model_copy(
             update={
-                "amqp_url": amqp_url_as(settings.amqp_url, user, password),
+                "amqp_url": url_as(settings.amqp_url, user, password),
                 "policy": str(policy),
             }
         )

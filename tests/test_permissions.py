@@ -33,7 +33,7 @@ from mesh.policy.permissions import (
     gateway_permissions,
     operator_permissions,
 )
-from mesh.provision.credentials import amqp_url_as
+from mesh.provision.credentials import url_as
 
 # --- the reference: whether a pattern covers a binding key ---------------------------
 
@@ -326,7 +326,7 @@ async def users(settings: Settings) -> AsyncIterator[Users]:
         made.append(name)
         await api.put_user(name, password, permissions.tags)
         await grant(api, vhost_of(settings), name, permissions)
-        return amqp_url_as(settings.amqp_url, name, password)
+        return url_as(settings.amqp_url, name, password)
 
     yield make
     for name in made:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
+import redis.asyncio as aioredis
 from agents_reliability import host, subscriber
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ChannelAccessRefused
@@ -175,14 +176,19 @@ def others() -> list[str]:
 
 
 @pytest.fixture
-async def api(settings: Settings, others: list[str]) -> AsyncIterator[ManagementAPI]:
-    """The management API; every user of the test's namespace, and ``others``, are deleted
-    afterwards."""
+async def api(
+    settings: Settings, others: list[str], redis: aioredis.Redis
+) -> AsyncIterator[ManagementAPI]:
+    """The management API; every broker and Redis user of the test's namespace, and
+    ``others``, are deleted afterwards."""
     management = ManagementAPI.for_settings(settings)
     yield management
     for user in await management.users():
         if user.name.startswith(f"{settings.namespace}.") or user.name in others:
             await management.delete_user(user.name)
+    for name in await redis.acl_users():
+        if name.startswith(f"{settings.namespace}.") or name in others:
+            await redis.acl_deluser(name)
 
 
 def write_policy(directory: Path, text: str = POLICY) -> Path:
@@ -193,7 +199,11 @@ def write_policy(directory: Path, text: str = POLICY) -> Path:
 
 async def mesh_provision(settings: Settings, *args: str | Path) -> Result:
     """``mesh provision ARGS`` as an administrator of the test's vhost and namespace."""
-    env = {"MESH_AMQP_URL": settings.amqp_url, "MESH_NAMESPACE": settings.namespace}
+    env = {
+        "MESH_AMQP_URL": settings.amqp_url,
+        "MESH_REDIS_URL": settings.redis_url,
+        "MESH_NAMESPACE": settings.namespace,
+    }
     if settings.management_url:
         env["MESH_MANAGEMENT_URL"] = settings.management_url
     # In a thread: the command runs an event loop of its own.
@@ -214,12 +224,16 @@ def changes(result: Result) -> list[str]:
 
 
 def amqp_url(credentials: Path, principal: str) -> str:
+    return variable(credentials, principal, "MESH_AMQP_URL")
+
+
+def variable(credentials: Path, principal: str, name: str) -> str:
     (line,) = [
         line
         for line in (credentials / f"{principal}.env").read_text().splitlines()
-        if line.startswith("MESH_AMQP_URL=")
+        if line.startswith(f"{name}=")
     ]
-    return line.removeprefix("MESH_AMQP_URL=")
+    return line.removeprefix(f"{name}=")
 
 
 async def refused(connection: AbstractConnection, exchange: str, key: str) -> bool:
@@ -328,6 +342,7 @@ async def test_removed_principal_is_deleted_and_no_other_user_touched(
     result = await mesh_provision(settings, policy, "--credentials", credentials)
     assert changes(result) == [
         f"delete user {ns}.monitor (no principal of the policy is it any more)",
+        f"delete redis user {ns}.monitor (no principal of the policy is it any more)",
         f"remove credentials {credentials / 'monitor.env'} (principal monitor has no user now)",
     ]
     after = {u.name: u for u in await api.users()}
@@ -355,7 +370,7 @@ async def test_a_user_of_the_plans_name_not_ours_stops_everything(
 
 
 async def test_dry_run_prints_the_changes_and_makes_none(
-    settings: Settings, api: ManagementAPI, tmp_path: Path
+    settings: Settings, api: ManagementAPI, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
     ns, vhost = settings.namespace, vhost_of(settings)
     policy, credentials = write_policy(tmp_path), tmp_path / "creds"
@@ -371,8 +386,10 @@ async def test_dry_run_prints_the_changes_and_makes_none(
     changes(await mesh_provision(settings, policy, "--credentials", credentials))
     await api.set_topic_permissions(vhost, f"{ns}.monitor", "mesh.topic", "", ".*")
     await api.put_user(f"{ns}.gateway", "guessed", managed_tags(ns))
+    await redis.execute_command("ACL", "SETUSER", f"{ns}.monitor", "~*")
     drift = [
         f"update user {ns}.gateway: the password of its credentials file (the broker held another)",
+        f"update redis user {ns}.monitor: its keys or commands",
         f"set topic permissions of {ns}.monitor on mesh.topic: write ^(?!)$ read "
         r"^(?:vehicle(?:\.(?:[A-Za-z0-9_-]+|\*|#))*)$",
     ]
@@ -418,7 +435,11 @@ async def test_a_provisioned_mesh_relays_under_its_users(
     changes(await mesh_provision(settings, policy, "--credentials", credentials))
 
     def under(principal: str) -> Settings:
-        return settings.model_copy(update={"amqp_url": amqp_url(credentials, principal)})
+        urls = {
+            "amqp_url": amqp_url(credentials, principal),
+            "redis_url": variable(credentials, principal, "MESH_REDIS_URL"),
+        }
+        return settings.model_copy(update=urls)
 
     gateway = Gateway(settings=under("gateway").model_copy(update={"policy": str(policy)}))
     monitor = subscriber(under("monitor"), Watch, agent_id="monitor")
@@ -458,7 +479,10 @@ async def test_definitions_import_into_a_fresh_vhost(
             channel = await connection.channel()
             await topology.declare_exchanges(channel)
         again = await mesh_provision(fresh, policy, "--credentials", credentials)
-        assert changes(again) == []
+        # Redis users are not in a broker's definitions: they are all that is left to make.
+        assert changes(again) == [
+            f"create redis user {fresh.namespace}.{p} (principal {p})" for p in PRINCIPALS
+        ]
     finally:
         await api.delete_vhost(vhost_of(fresh))
 

@@ -6,11 +6,15 @@ import asyncio
 from pathlib import Path
 
 import click
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from mesh.cli.common import example, settings_or_exit
 from mesh.cli.policy import load_policy_or_exit
+from mesh.config import Settings
 from mesh.management import ManagementAPI, ManagementError, vhost_of
 from mesh.provision import (
+    Change,
     CredentialStore,
     Plan,
     ProvisionError,
@@ -51,7 +55,7 @@ from mesh.provision.credentials import write_private
 @click.option(
     "--no-broker",
     is_flag=True,
-    help="Contact no broker: write the credentials (and --definitions) only.",
+    help="Contact neither the broker nor Redis: write the credentials (and --definitions) only.",
 )
 def provision(
     policy_file: str,
@@ -60,7 +64,8 @@ def provision(
     definitions_file: str | None,
     no_broker: bool,
 ) -> None:
-    """Create or update the broker users POLICY_FILE wants; delete those it no longer names.
+    """Create or update the broker and Redis users POLICY_FILE wants; delete those it no
+    longer names.
 
     One RabbitMQ user per principal that connects (agents, gateway, bridge, operators):
     <namespace>.<principal> (MESH_NAMESPACE, default mesh), tagged mesh-managed and
@@ -69,17 +74,23 @@ def provision(
     Token users get none: they act through the bridge.  The mesh's shared exchanges and
     queues, which agents may not declare, are declared where missing.
 
-    Passwords are generated once and kept in <principal>.env (MESH_AMQP_URL and
-    MESH_NAMESPACE, mode 0600) in the credentials directory: rerunning keeps them.  Each
-    change is one line; "nothing to change" when there is none.
+    And a Redis ACL user of the same name at MESH_REDIS_URL, marked with the channel
+    pattern mesh-managed:<namespace>: an agent's may use only its own state and registry
+    entry and read the registry; the gateway's and operators' every key of the mesh.
+
+    Passwords are generated once and kept in <principal>.env (MESH_AMQP_URL,
+    MESH_REDIS_URL and MESH_NAMESPACE, mode 0600) in the credentials directory: rerunning
+    keeps them.  Each change is one line; "nothing to change" when there is none.
 
     Runs as a broker administrator: the user of MESH_MANAGEMENT_URL (by default
-    MESH_AMQP_URL's user, on port 15672), guest on a local broker.
+    MESH_AMQP_URL's user, on port 15672), guest on a local broker; and as a Redis user
+    allowed ACL SETUSER (the default user of a local Redis).
     """
     settings = settings_or_exit()
     compiled = load_policy_or_exit(policy_file, 1)
     store = CredentialStore(credentials_dir(policy_file, credentials))
     api = None if no_broker else ManagementAPI.for_settings(settings)
+    redis = None if no_broker else aioredis.Redis.from_url(settings.redis_url)
     try:
         plan = build_plan(
             compiled, settings.namespace, vhost_of(settings), objects=mesh_objects(settings)
@@ -87,14 +98,7 @@ def provision(
         for note in plan.notes:
             click.echo(f"note: {note}")
         changes = asyncio.run(
-            provision_plan(
-                plan,
-                store,
-                settings.amqp_url,
-                api,
-                dry_run=dry_run,
-                on_change=lambda change: click.echo(str(change)),
-            )
+            _provision(plan, store, settings, api, redis, dry_run=dry_run)
         )
     except ProvisionError as exc:
         raise click.ClickException(str(exc)) from None
@@ -105,12 +109,42 @@ def provision(
             "MESH_MANAGEMENT_URL, by default MESH_AMQP_URL's)"
         )
         raise click.ClickException(f"{exc}{hint if refused else ''}") from None
+    except (RedisError, OSError) as exc:
+        raise click.ClickException(
+            f"Redis at {settings.redis_url.rsplit('@', 1)[-1]}: {exc} (mesh provision runs as "
+            "a Redis user allowed ACL SETUSER: the user of MESH_REDIS_URL)"
+        ) from None
     if not changes:
         click.echo("nothing to change")
     if definitions_file is not None:
         _definitions(Path(definitions_file), plan, store, dry_run=dry_run)
     if dry_run:
         click.echo("dry run: nothing changed")
+
+
+async def _provision(
+    plan: Plan,
+    store: CredentialStore,
+    settings: Settings,
+    api: ManagementAPI | None,
+    redis: aioredis.Redis | None,
+    *,
+    dry_run: bool,
+) -> list[Change]:
+    try:
+        return await provision_plan(
+            plan,
+            store,
+            settings.amqp_url,
+            api,
+            redis=redis,
+            redis_url=settings.redis_url,
+            dry_run=dry_run,
+            on_change=lambda change: click.echo(str(change)),
+        )
+    finally:
+        if redis is not None:
+            await redis.aclose()
 
 
 def _definitions(path: Path, plan: Plan, store: CredentialStore, *, dry_run: bool) -> None:

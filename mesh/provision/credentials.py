@@ -1,7 +1,8 @@
 """Where provisioned users' passwords are kept: one env file per principal, mode 0600.
 
-``<principal>.env`` holds ``MESH_AMQP_URL`` with the user's password, and ``MESH_NAMESPACE``:
-what an agent of that principal needs (``docker run --env-file``, or ``set -a; . ./v.env``
+``<principal>.env`` holds ``MESH_AMQP_URL`` with the user's password, ``MESH_REDIS_URL`` with
+its Redis user (the same name and password), and ``MESH_NAMESPACE``: what an agent of that
+principal needs (``docker run --env-file``, or ``set -a; . ./v.env``
 in a shell).  A password is generated once and kept: rerunning ``mesh provision`` reads it
 back, so running agents keep working.  The deployment turns these files into Kubernetes
 Secrets.  The directory (mode 0700) ignores itself in git.
@@ -34,9 +35,9 @@ def credentials_dir(
     return Path(chosen) if chosen else Path(policy_file).parent / DEFAULT_DIRECTORY
 
 
-def amqp_url_as(amqp_url: str, user: str, password: str) -> str:
-    """``amqp_url`` (host, port, vhost, options) with ``user`` and ``password`` in it."""
-    parts = urlsplit(amqp_url)
+def url_as(url: str, user: str, password: str) -> str:
+    """``url`` (scheme, host, port, path, options) with ``user`` and ``password`` in it."""
+    parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
@@ -55,16 +56,20 @@ class Credentials:
     amqp_url: str
     """The URL the provisioning ran with; its credentials are replaced by this user's."""
     namespace: str
+    redis_url: str | None = None
+    """Likewise for Redis; ``None`` when provisioning left Redis alone."""
 
     def env(self) -> str:
         """The env file's text."""
-        url = amqp_url_as(self.amqp_url, self.user, self.password)
-        return (
-            f"# Broker user {self.user} of principal {self.principal}, written by "
-            "`mesh provision`: keep it secret.\n"
-            f"MESH_AMQP_URL={url}\n"
-            f"MESH_NAMESPACE={self.namespace}\n"
-        )
+        lines = [
+            f"# Broker and Redis user {self.user} of principal {self.principal}, written by "
+            "`mesh provision`: keep it secret.",
+            f"MESH_AMQP_URL={url_as(self.amqp_url, self.user, self.password)}",
+        ]
+        if self.redis_url is not None:
+            lines.append(f"MESH_REDIS_URL={url_as(self.redis_url, self.user, self.password)}")
+        lines.append(f"MESH_NAMESPACE={self.namespace}")
+        return "\n".join(lines) + "\n"
 
 
 class CredentialStore:

@@ -7,8 +7,11 @@ one line, which is what ``mesh provision --dry-run`` shows.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+import redis.asyncio as aioredis
 
 from mesh.management import ManagementAPI, PermissionInfo, TopicPermissionInfo, UserInfo
 from mesh.policy.permissions import NOTHING
@@ -17,6 +20,13 @@ from mesh.provision.errors import ProvisionError
 from mesh.provision.objects import MeshObjects
 from mesh.provision.passwords import matches
 from mesh.provision.plan import DesiredUser, Plan, managed_by
+from mesh.provision.redis_users import (
+    RedisUserInfo,
+    describe,
+    managed_redis_user,
+    password_matches,
+    read_redis_users,
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,22 @@ async def read_state(api: ManagementAPI, vhost: str) -> BrokerState:
         frozenset(await api.exchanges(vhost)),
         frozenset(q.name for q in await api.queues(vhost)),
     )
+
+
+@dataclass(frozen=True)
+class RedisState:
+    """The Redis users named like the mesh's, and what Redis makes of the rules each wanted
+    user is to have (to compare like with like)."""
+
+    users: dict[str, RedisUserInfo]
+    wanted: dict[str, str]
+
+
+async def read_redis_state(redis: aioredis.Redis, plan: Plan) -> RedisState:
+    users = await read_redis_users(redis, plan.namespace)
+    probe = f"mesh-probe-{secrets.token_hex(8)}"
+    wanted = {u.name: await describe(redis, u.redis, probe) for u in plan.users}
+    return RedisState(users, wanted)
 
 
 @dataclass(frozen=True)
@@ -139,6 +165,27 @@ class DeleteUser:
 
 
 @dataclass(frozen=True)
+class PutRedisUser:
+    """Create or reset a Redis user: its password and every rule at once."""
+
+    user: DesiredUser
+    why: str
+
+    def __str__(self) -> str:
+        if self.why == "create":
+            return f"create redis user {self.user.name} (principal {self.user.principal.name})"
+        return f"update redis user {self.user.name}: {self.why}"
+
+
+@dataclass(frozen=True)
+class DeleteRedisUser:
+    user: str
+
+    def __str__(self) -> str:
+        return f"delete redis user {self.user} (no principal of the policy is it any more)"
+
+
+@dataclass(frozen=True)
 class RemoveCredentials:
     principal: str
     path: Path
@@ -155,19 +202,27 @@ Change = (
     | SetPermissions
     | SetTopicPermission
     | DeleteUser
+    | PutRedisUser
+    | DeleteRedisUser
     | RemoveCredentials
 )
 
 
 def diff(
-    plan: Plan, store: CredentialStore, amqp_url: str, state: BrokerState | None
+    plan: Plan,
+    store: CredentialStore,
+    amqp_url: str,
+    state: BrokerState | None,
+    *,
+    redis_state: RedisState | None = None,
+    redis_url: str | None = None,
 ) -> list[Change]:
-    """The changes that make ``store`` and the broker (``state``; ``None``: the
-    credentials alone) what ``plan`` wants, in the order to make them.
+    """The changes that make ``store``, the broker (``state``) and Redis (``redis_state``)
+    what ``plan`` wants, in the order to make them; a ``None`` state is left alone.
 
-    ``amqp_url`` is the URL provisioning runs with: the credentials' URLs point where it
-    does.  Raises ``ProvisionError`` when a user the plan wants exists but is not this
-    mesh's, or a credentials file is another mesh's.
+    ``amqp_url`` and ``redis_url`` are the URLs provisioning runs with: the credentials'
+    URLs point where they do.  Raises ``ProvisionError`` when a user the plan wants exists
+    but is not this mesh's, or a credentials file is another mesh's.
     """
     passwords = _passwords(plan, store)
     changes: list[Change] = []
@@ -177,11 +232,13 @@ def diff(
         if password is None:
             changes.append(WriteCredentials(principal, user.name, store.path(principal), True))
             continue
-        wanted = Credentials(principal, user.name, password, amqp_url, plan.namespace)
+        wanted = Credentials(principal, user.name, password, amqp_url, plan.namespace, redis_url)
         if store.text(principal) != wanted.env():
             changes.append(WriteCredentials(principal, user.name, store.path(principal), False))
     if state is not None:
         changes += _broker_changes(plan, state, passwords)
+    if redis_state is not None:
+        changes += _redis_changes(plan, redis_state, passwords)
     wanted_principals = {u.principal.name for u in plan.users}
     changes += [
         RemoveCredentials(principal, store.path(principal))
@@ -270,4 +327,35 @@ def _permission_changes(vhost: str, user: DesiredUser, state: BrokerState) -> li
     for exchange, other in sorted(held.items()):
         if exchange not in named and (other.write, other.read) != (NOTHING, NOTHING):
             changes.append(SetTopicPermission(user.name, vhost, exchange, NOTHING, NOTHING))
+    return changes
+
+
+def _redis_changes(
+    plan: Plan, state: RedisState, passwords: dict[str, str | None]
+) -> list[Change]:
+    changes: list[Change] = []
+    for user in plan.users:
+        existing = state.users.get(user.name)
+        if existing is not None and not managed_redis_user(plan.namespace, existing):
+            raise ProvisionError(
+                f"redis user {user.name} exists and is not one mesh namespace "
+                f"{plan.namespace!r} provisioned: provisioning leaves it alone; delete or "
+                "rename it, or use another MESH_NAMESPACE"
+            )
+        password = passwords[user.principal.name]
+        if existing is None:
+            why = "create"
+        elif password is None or not password_matches(existing, password):
+            why = "the password of its credentials file"
+        elif existing.rules != state.wanted[user.name]:
+            why = "its keys or commands"
+        else:
+            continue
+        changes.append(PutRedisUser(user, why))
+    wanted = {u.name for u in plan.users}
+    changes += [
+        DeleteRedisUser(name)
+        for name, info in sorted(state.users.items())
+        if managed_redis_user(plan.namespace, info) and name not in wanted
+    ]
     return changes

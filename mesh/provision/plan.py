@@ -23,6 +23,7 @@ from mesh.policy.topics import SELF, expand
 from mesh.policy.users import broker_user
 from mesh.provision.errors import ProvisionError
 from mesh.provision.objects import MeshObjects
+from mesh.provision.redis_users import RedisUser, redis_notes, redis_user
 from mesh.topology import TopicError
 
 MANAGED_TAG = "mesh-managed"
@@ -52,6 +53,8 @@ class DesiredUser:
     name: str
     tags: tuple[str, ...]
     permissions: UserPermissions
+    redis: RedisUser
+    """Its Redis user, of the same name."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,11 @@ def build_plan(
         if permissions is not None:
             tags = (*managed_tags(namespace), *permissions.tags)
             name = broker_user(namespace, principal.name)
-            users.append(DesiredUser(principal, name, tags, permissions))
+            excluded = sorted(_listed_elsewhere(policy, principal))
+            if principal.kind not in ("gateway", "operator"):
+                notes += redis_notes(principal, excluded)
+            redis = redis_user(namespace, principal)
+            users.append(DesiredUser(principal, name, tags, permissions, redis))
     return Plan(namespace, vhost, tuple(users), objects, tuple(notes))
 
 
