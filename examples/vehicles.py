@@ -40,7 +40,9 @@ class Report(PeriodicBehaviour):
     async def tick(self) -> None:
         speed = round(random.gauss(100, 15), 1)
         await self.publish(
-            f"vehicle.{self.agent.id}.speed", Reading(vehicle=self.agent.id, speed_kmh=speed)
+            f"vehicle.{self.agent.id}.speed",
+            Reading(vehicle=self.agent.id, speed_kmh=speed),
+            schema="reading@1",  # the version examples/policy.yaml checks it against
         )
 
 
@@ -96,7 +98,9 @@ class Spoof(OneShotBehaviour):
     itself only, so the gateway denies it and tells this agent why."""
 
     async def run(self) -> None:
-        await self.publish("vehicle.v7.speed", Reading(vehicle="v7", speed_kmh=300.0))
+        await self.publish(
+            "vehicle.v7.speed", Reading(vehicle="v7", speed_kmh=300.0), schema="reading@1"
+        )
 
 
 class Intruder(Agent):
