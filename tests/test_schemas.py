@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from payloads import Reading
 
+from mesh.cli import main
 from mesh.policy import PolicyError, load_policy, parse_policy
 from mesh.policy.schemas import Expectation, PayloadSchemas, SchemaViolation, schema_id
 from mesh.policy.violations import REASON_CHARS, json_path
@@ -361,6 +363,17 @@ def test_schema_ids_are_name_at_version() -> None:
 def test_a_policy_without_schemas_declares_none() -> None:
     assert not parse_policy(PRINCIPALS).schemas.declared
     assert parse_policy(SCHEMAS).schemas.declared
+
+
+def test_policy_check_summarises_the_schemas(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(SCHEMAS)
+    result = CliRunner().invoke(main, ["policy", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert (
+        "schemas: 2 (3 versions), 3 payload entries; required on vehicle.#, _req.*.config"
+        in result.stdout.splitlines()
+    )
 
 
 # Load errors: file, line, reason

@@ -74,6 +74,14 @@ def check(policy_file: str) -> None:
             f"  {name} ({mode}): allow {effects['allow']}, deny {effects['deny']}"
             + (f"; {by_action}" if by_action else "")
         )
+    schemas = compiled.schemas
+    if schemas.declared:
+        versions = sum(len(v) for v in schemas.definitions.values())
+        click.echo(
+            f"schemas: {len(schemas.definitions)} ({_count(versions, 'version')}), "
+            f"{_count(len(schemas.rules), 'payload entry', 'payload entries')}"
+            + (f"; required on {', '.join(schemas.require)}" if schemas.require else "")
+        )
     notes = compiled.notes()
     if notes:
         click.echo("notes:")
@@ -146,6 +154,10 @@ def explain(
     click.echo(decision.reason)
     click.echo(f"  {_context(compiled, who, on_behalf_of, decision)}")
     raise SystemExit(0 if decision.allowed else 1)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _target(action: Action, target: str, operation: str | None) -> str:
