@@ -171,6 +171,12 @@ def test_the_mesh_own_keys_are_checked_only_where_patterns_name_them() -> None:
     assert refusal(compiled, "_registry.join", "join@1", {}) == (
         "payload: required property 'agent' is missing (join@1)"
     )
+    # The mesh writes its registry events and control commands itself, naming no version:
+    # its one version checks them.
+    assert check(compiled, "_registry.join", None, {"agent": "v7"}) == "join@1"
+    assert refusal(compiled, "_registry.join", None, {}) == (
+        "payload: required property 'agent' is missing (join@1)"
+    )
     assert compiled.expectation("anything.at.all") is not None
 
 
@@ -540,6 +546,16 @@ def definitions(*versions: str, payloads: str = "") -> str:
             "policy.yaml:8: a payload entry names topics: [patterns] or request: {agent: GLOB, "
             "operation: GLOB}, one of them",
             id="topics and request",
+        ),
+        pytest.param(
+            definitions(
+                "{version: 1, inline: {}}",
+                "{version: 2, inline: {}}",
+                payloads="    - {topics: '_ctl.*.start_behaviour', accept: reading}\n",
+            ),
+            "policy.yaml:9: '_ctl.*.start_behaviour': the mesh writes these messages itself and "
+            "names no schema version, so the entry accepts exactly one",
+            id="two versions for the mesh's own messages",
         ),
         pytest.param(
             PRINCIPALS + "schemas:\n  require: ['_reply.#']\n",

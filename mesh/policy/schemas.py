@@ -14,11 +14,13 @@ A message names the schema it was written against in ``x-mesh-schema`` as ``name
 A key with no schema passes, whatever it names, unless a ``require`` pattern matches it.
 Patterns apply to the mesh's own keys (``_req.``, ``_ctl.``, ``_registry.``) only when they
 start with that prefix; requests are matched by ``request: {agent, operation}`` globs;
-replies are never checked (their key does not say which operation they answer).
+replies are never checked (their key does not say which operation they answer).  The mesh
+writes its control commands and registry events itself and names no version, so an entry for
+``_ctl.``/``_registry.`` keys accepts exactly one, which checks what names none.
 
 Validators are Draft 2020-12 with format checking, built once per policy; lookups by routing
-key are cached.  References (``$ref``) resolve within a schema and to the JSON Schema
-specifications only: nothing is fetched, and a reference to anything else is refused at load.
+key are cached.  References (``$ref``) resolve within a schema only: nothing is fetched, and a
+reference to anything else is refused at load.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ _NOTHING_ELSE: Registry[Any] = Registry()
 """What references may reach besides the schema itself: nothing (jsonschema's default would
 fetch unknown URLs over the network, from the gateway, per message)."""
 _NEVER_CHECKED = ("_reply.", "_err.")
+_UNNAMED_PREFIXES = ("_ctl.", "_registry.")
+"""Keys whose messages the mesh writes itself, naming no schema version."""
 
 
 class SchemaViolation(ValueError):
@@ -130,6 +134,8 @@ class Expectation:
     accepted: Mapping[str, SchemaVersion]
     rule: PayloadRule | None
     required_by: str | None
+    unnamed: SchemaVersion | None = None
+    """What checks a message naming no version: on the mesh's own keys, their one version."""
 
     def check(self, named: str | None, body: bytes) -> SchemaVersion:
         """The schema version the message named, once its payload follows it.
@@ -143,11 +149,11 @@ class Expectation:
                 "and declares none for it"
             )
         accepts = ", ".join(self.accepted)
-        if named is None:
+        if named is None and self.unnamed is None:
             raise SchemaViolation(
                 f"the message names no schema (x-mesh-schema); {key!r} accepts {accepts}"
             )
-        schema = self.accepted.get(named)
+        schema = self.unnamed if named is None else self.accepted.get(named)
         if schema is None:
             raise SchemaViolation(
                 f"x-mesh-schema {shown(named)} is not accepted on {key!r} (accepted: {accepts})"
@@ -192,7 +198,9 @@ class PayloadSchemas:
         rule = next((r for r in self.rules if r.matches(routing_key)), None)
         if rule is not None:
             accepted = {s.id: s for s in rule.accepted}
-            return Expectation(routing_key, accepted, rule, None)
+            own = routing_key.startswith(_UNNAMED_PREFIXES)
+            unnamed = rule.accepted[0] if own and len(rule.accepted) == 1 else None
+            return Expectation(routing_key, accepted, rule, None, unnamed)
         required_by = next((p for p in self.require if _applies(p, routing_key)), None)
         if required_by is None:
             return None
@@ -308,6 +316,15 @@ class _Compiler:
                 self.problems.append(
                     Problem(path, f"schema {name!r} has no version {version} (versions: {have})")
                 )
+        own = [p for p in spec.topics or () if p.startswith(_UNNAMED_PREFIXES)]
+        if own and len(dict.fromkeys(accepted)) != 1:
+            self.problems.append(
+                Problem(
+                    ("schemas", "payloads", index, "accept"),
+                    f"{own[0]!r}: the mesh writes these messages itself and names no schema "
+                    "version, so the entry accepts exactly one",
+                )
+            )
         request = spec.request
         return PayloadRule(
             index=index,
