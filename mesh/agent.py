@@ -495,12 +495,14 @@ class Agent(Service):
         behaviour: str | None = None,
         model: type[M] | None = None,
         schema: str | None = None,
+        headers: dict[str, Any] | None = None,
     ) -> Any:
         """Call ``operation`` on one instance of ``agent``; return the reply's payload.
 
         Raises ``RequestTimeout`` when no reply comes within ``timeout`` seconds and
         ``RemoteError`` when the handler failed or nobody serves the operation.  ``schema``
-        names the payload's schema version, as for ``publish``.
+        names the payload's schema version, as for ``publish``; ``headers`` are sent with
+        the request (the bridge's ``x-mesh-on-behalf-of``).
         """
         timeout = self.settings.request_timeout if timeout is None else timeout
         key = topology.request_key(
@@ -524,6 +526,7 @@ class Agent(Service):
             reply_to=self.reply_to,
             expiration=timeout,
             schema_id=schema,
+            headers=headers or {},
         )
         awaited = self._awaited[correlation] = _Awaited(agent)
         try:
@@ -575,10 +578,12 @@ class Agent(Service):
         *,
         timeout: float = 1.0,
         expect: int | None = None,
+        headers: dict[str, Any] | None = None,
     ) -> list[Message]:
         """Send a control command to every instance of ``agent`` (``_all``: every agent).
 
-        Collects replies until ``timeout`` or until ``expect`` replies arrived.
+        Collects replies until ``timeout`` or until ``expect`` replies arrived.  ``headers``
+        are sent with the command, as for ``request``.
         """
         if agent != topology.ALL_AGENTS:
             topology.check_name("agent id", agent)
@@ -594,6 +599,7 @@ class Agent(Service):
             correlation_id=correlation,
             reply_to=self.reply_to,
             expiration=timeout,
+            headers=headers or {},
         )
         collected: list[Message] = []
         loop = asyncio.get_running_loop()
@@ -696,7 +702,7 @@ class Agent(Service):
                 )
             return
         if message.type is MessageType.ERROR and correlation == "":
-            logger.warning("error notice from %s: %s", message.app_id, message.payload)
+            self.on_error_notice(message)
             return
         logger.info(
             "late or unknown %s %s from %s dropped (correlation %s)",
@@ -705,6 +711,12 @@ class Agent(Service):
             message.app_id,
             correlation,
         )
+
+    def on_error_notice(self, message: Message) -> None:
+        """An error notice that answers no request: the gateway refused (``Denied``) or
+        could not route an event this instance sent, whose id the body's ``message_id``
+        names.  Logged; the bridge overrides it to tell whoever sent the event."""
+        logger.warning("error notice from %s: %s", message.app_id, message.payload)
 
     async def _on_control(self, message: Message) -> None:
         if self._leaving:
