@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mesh.cli import agents, control, policy, provision, publish, queues, run, tail, token
+from mesh.cli import agents, audit, control, policy, provision, publish, queues, run, tail, token
 from mesh.cli.common import example
 
 
@@ -48,3 +48,6 @@ main.add_command(token.token)
 
 # Broker users from the policy: mesh/cli/provision.py
 main.add_command(provision.provision)
+
+# The gateway's audit trail: mesh/cli/audit.py
+main.add_command(audit.audit)
