@@ -31,6 +31,7 @@ from mesh.envelope import (
 )
 from mesh.idempotency import HandledIds
 from mesh.membership import REDIS_DOWN, Membership
+from mesh.metrics import Metrics
 from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord, Registry
 from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
@@ -156,7 +157,8 @@ class Agent(Service):
         self.instance = topology.check_name("instance id", instance or uuid.uuid4().hex[:8])
         self.settings = settings or Settings.from_env()
         self.shutdown_timeout = self.settings.shutdown_timeout
-        self.transport = Transport(self.settings, f"{self.id}/{self.instance}")
+        self.metrics = Metrics()
+        self.transport = Transport(self.settings, f"{self.id}/{self.instance}", self.metrics)
         self.dead_letters = DeadLetters(self.transport, self.id)
         self.retries = Retries(self.transport, self.id)
         self.started_at = datetime.now(UTC)
@@ -191,6 +193,7 @@ class Agent(Service):
         )
         self._membership_tasks: set[asyncio.Task[None]] = set()
         self._leaving = False
+        self._serving = False
         self._joined = False
         self._stopping_task: asyncio.Task[None] | None = None
         self.behaviour_map: dict[str, Behaviour] = {}
@@ -225,9 +228,26 @@ class Agent(Service):
 
     # --- lifecycle -----------------------------------------------------------------
 
+    @property
+    def unready(self) -> str | None:
+        """Why this instance is not ready to take work (``/readyz``); ``None`` once it is
+        started (connected, consuming, registered) and neither draining nor cut off from
+        RabbitMQ or Redis."""
+        if self._leaving:
+            return "draining: stopping"
+        if not self._serving:
+            return "starting"
+        if not self.transport.connected:
+            return "RabbitMQ unreachable: reconnecting"
+        if self.registered and self._membership.redis_down:
+            return "Redis unreachable"
+        if self.registered and not self._membership.registered:
+            return "not registered"
+        return None
+
     async def on_start(self) -> None:
         logcontext.agent_id.set(self.id)
-        self._leaving = False
+        self._leaving = self._serving = False
         self.started_at = datetime.now(UTC)
         await self.transport.connect()
         await self._ensure_topology()
@@ -241,6 +261,7 @@ class Agent(Service):
             await self._membership.join()
             await self._until_indexed()
             self.add_future(self._membership.run())
+        self._serving = True
         logger.info(
             "agent %s/%s started with behaviours %s",
             self.id,
@@ -326,7 +347,7 @@ class Agent(Service):
             raise failures[0]
 
     async def on_stop(self) -> None:
-        self._leaving = True
+        self._leaving, self._serving = True, False
         await asyncio.gather(*(b.stop() for b in self.behaviour_map.values()))
         await asyncio.gather(*self._membership_tasks, return_exceptions=True)
         if self._joined:  # not when the start failed before it joined

@@ -29,6 +29,7 @@ from mesh.deadletter import DeadLetters
 from mesh.envelope import EnvelopeError, Message, MessageType, from_amqp
 from mesh.idempotency import Claim, HandledIds
 from mesh.membership import REDIS_DOWN
+from mesh.metrics import Metrics, Outcome
 from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, StateUnavailable, as_change
 from mesh.topology import QueueMismatch, TopicError, TopologyError
@@ -161,6 +162,8 @@ class Host(Protocol):
     def state_store(self) -> StateStore: ...
     @property
     def handled_ids(self) -> HandledIds: ...
+    @property
+    def metrics(self) -> Metrics: ...
 
     async def publish(
         self,
@@ -264,6 +267,7 @@ class Behaviour:
         self._lifecycle = asyncio.Lock()
         self._stop_code = 0
         self._consumer: _Consumer | None = None
+        self._metrics = agent.metrics.behaviour(self.name)
         store = agent.state_store
         self._state = (
             StateSlot(store, store.key(agent.id, self.name), self.state_model)
@@ -638,6 +642,8 @@ class _Dispatch:
         self.incoming = incoming
         self.outcome = "handled"
         """What became of the message, for the debug log."""
+        self.result: Outcome = "handled"
+        """What became of it, for the metrics."""
 
     async def run(self) -> None:
         b = self.behaviour
@@ -647,20 +653,23 @@ class _Dispatch:
         except EnvelopeError as exc:
             await b.agent.dead_letters.send(incoming, f"malformed message: {exc}", b.queue_name)
             await ack(incoming)
+            b._metrics.settled("dead_lettered")
             return
         started = time.perf_counter()
         with logcontext.handling(message.message_id):
             try:
                 await self._dispatch(message)
             finally:
+                seconds = time.perf_counter() - started
                 logger.debug(
                     "%s %s %s: %s in %.1f ms",
                     b.name,
                     message.topic,
                     message.message_id,
                     self.outcome,
-                    (time.perf_counter() - started) * 1000,
+                    seconds * 1000,
                 )
+        b._metrics.settled(self.result, seconds)  # not when it raised: it is requeued
 
     async def _dispatch(self, message: Message) -> None:
         b = self.behaviour
@@ -713,12 +722,13 @@ class _Dispatch:
             await self._failed(message, route, unknown)
             return
         if claim is Claim.DONE:
-            self.outcome = "skipped (handled before)"
+            self.outcome, self.result = "skipped (handled before)", "skipped"
             logger.info("%s: %s was handled before; skipped", b.name, message.message_id)
             await ack(self.incoming)
             return
         if claim is Claim.BUSY:
             self.outcome = "deferred (another delivery of it is being handled)"
+            self.result = "deferred"
             # Another delivery of it is in a handler right now: look again later, and do
             # not count this as an attempt (it never ran).
             await b.agent.retries.send(
@@ -744,7 +754,7 @@ class _Dispatch:
         b = self.behaviour
         incoming = self.incoming
         logger.warning("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
-        self.outcome = "dead-lettered (refused)"
+        self.outcome, self.result = "dead-lettered (refused)", "dead_lettered"
         if message.type is MessageType.REQUEST:
             await self._answer_error(message, {"error": reason, "type": "InvalidRequest"})
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
@@ -766,6 +776,7 @@ class _Dispatch:
             # The caller is waiting: answer now rather than retrying behind its back.
             logger.warning("%s.%s failed: %s", b.name, route.name, summary)
             self.outcome = f"failed, error answered ({type(exc).__name__})"
+            self.result = "failed"
             # The type travels on its own: RemoteError shows "Type: detail" once.
             detail = str(exc) or type(exc).__name__
             await self._answer_error(message, {"error": detail, "type": type(exc).__name__})
@@ -797,6 +808,7 @@ class _Dispatch:
                 await self._dead_letter(message, reason)
                 return
             self.outcome = f"failed ({type(exc).__name__}), retry {attempt + 1} in {delay:g}s"
+            self.result = "failed"
             await ack(incoming)
             return
         frames = traceback.extract_tb(exc.__traceback__)[-3:]
@@ -810,7 +822,7 @@ class _Dispatch:
         b = self.behaviour
         incoming = self.incoming
         logger.error("%s: dead-lettering %s: %s", b.name, message.message_id, reason)
-        self.outcome = "dead-lettered (failed)"
+        self.outcome, self.result = "dead-lettered (failed)", "dead_lettered"
         await b.agent.dead_letters.send(incoming, reason, b.queue_name)
         await ack(incoming)
 

@@ -47,6 +47,11 @@ class BackoffConnection(aio_pika.RobustConnection):
     def reconnect_interval(self, _value: float) -> None:
         """aio-pika sets its fixed interval here; the wait above replaces it."""
 
+    @property
+    def lost(self) -> bool:
+        """Whether the connection was lost and is not back yet (channels restored)."""
+        return self._lost_at is not None
+
     def _on_lost(self, _sender: Any, exc: BaseException | None) -> None:
         if exc is None or self._close_called or self._lost_at is not None:
             return  # closed on purpose, or still the same outage

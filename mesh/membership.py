@@ -55,6 +55,11 @@ class Membership:
         self.left = False
         self._outage = False
 
+    @property
+    def redis_down(self) -> bool:
+        """Whether the last registration or heartbeat found Redis unreachable."""
+        return self._outage
+
     async def join(self) -> None:
         self.left = False
         await self._register("join")

@@ -26,7 +26,8 @@ from aio_pika.exceptions import (
 from aiormq.abc import DeliveredMessage
 
 from mesh.config import Settings
-from mesh.connection import connect
+from mesh.connection import BackoffConnection, connect
+from mesh.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,15 @@ class Transport:
     the note above ``Transport``; RabbitMQ also blocks a publishing connection under a
     resource alarm, which then does not stop consumers): ``publish`` returns only after
     the broker confirmed the message, and retries across reconnections until
-    ``settings.publish_timeout``.
+    ``settings.publish_timeout``.  ``metrics`` counts confirms and reconnects.
     """
 
-    def __init__(self, settings: Settings, connection_name: str) -> None:
+    def __init__(
+        self, settings: Settings, connection_name: str, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.connection_name = connection_name
+        self.metrics = metrics or Metrics()
         self.user = unquote(urlsplit(settings.amqp_url).username or "guest")
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
@@ -186,10 +190,22 @@ class Transport:
             raise RuntimeError("transport is not connected")
         return self._publishing
 
+    @property
+    def connected(self) -> bool:
+        """Whether both connections are up: connected, and not lost and reconnecting."""
+        return all(
+            connection is not None
+            and not connection.is_closed
+            and not (isinstance(connection, BackoffConnection) and connection.lost)
+            for connection in (self._connection, self._publishing)
+        )
+
     async def connect(self) -> None:
         self._connection = await self._connect(self.connection_name)
+        self._connection.reconnect_callbacks.add(lambda _: self.metrics.reconnected("consuming"))
         self._channel = await self.open_channel()
         self._publishing = await self._connect(f"{self.connection_name} publishing")
+        self._publishing.reconnect_callbacks.add(lambda _: self.metrics.reconnected("publishing"))
         self._publisher = await self._publishing.channel(
             channel_number=_SHARED_CHANNEL, publisher_confirms=True
         )
@@ -255,6 +271,24 @@ class Transport:
         so as not to send the copy of a delivery whose channel closed meanwhile: the broker
         requeued that delivery, and its next delivery is relayed instead.
         """
+        try:
+            await self._publish(exchange, routing_key, message, mandatory=mandatory, wanted=wanted)
+        except Abandoned:
+            raise  # not sent: nothing for the broker to confirm
+        except PublishError:
+            self.metrics.published(confirmed=False)
+            raise
+        self.metrics.published(confirmed=True)
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: aio_pika.abc.AbstractMessage,
+        *,
+        mandatory: bool,
+        wanted: Callable[[], bool] | None,
+    ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout
         while True:

@@ -142,6 +142,7 @@ class Relay(Behaviour):
         except Denied as denied:
             await self._deny(passage, denied)
             return
+        self.agent.metrics.decided("pipeline", "passed")
         # The copy carries the sender's id in x-mesh-id (whatever the sender put there
         # is replaced) and an AMQP message_id of its own, so a sender reusing an id
         # cannot make one copy's return pass for another's (see ``forwarded``).
@@ -243,6 +244,7 @@ class Relay(Behaviour):
         await self._notify(passage, {"error": error, "type": "Unroutable"})
 
     async def _deny(self, passage: Passage, denied: Denied) -> None:
+        self.agent.metrics.decided(denied.stage, "denied")
         incoming = passage.incoming
         logger.warning(
             "denied %s from %s/%s on %s: %s",
