@@ -69,6 +69,12 @@ class Settings(BaseModel):
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_ttl: float = Field(default=10.0, gt=0)
     shutdown_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a stopping agent (SIGTERM) lets its handlers finish what is in flight."""
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """The port of ``/healthz``, ``/readyz`` and ``/metrics`` in ``mesh run`` and ``mesh
+    gateway`` processes; none: no such port (0: any free one, logged)."""
+    health_host: str = "0.0.0.0"
+    """The address the health port listens on (every interface, for Kubernetes' probes)."""
     audit_key: SecretStr | None = None
     """The gateway's audit-trail secret (the HMAC-SHA256 key, 32 characters or more); never
     stored in Redis nor logged.  Or ``audit_key_file``."""

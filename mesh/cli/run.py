@@ -7,7 +7,7 @@ import logging
 import sys
 
 import click
-from mode import Worker
+from mode import ServiceT, Worker
 
 from mesh import logcontext, topology
 from mesh.agent import Agent
@@ -15,6 +15,7 @@ from mesh.cli.common import example, load_agent_class, settings_or_exit
 from mesh.config import ConfigError, Settings
 from mesh.connection import BrokerUnavailable
 from mesh.gateway import Gateway
+from mesh.health import HealthServer
 from mesh.state import StateUnavailable
 from mesh.topology import TopologyError
 
@@ -33,10 +34,20 @@ class _OneLineErrors(logging.Filter):
 
 
 def run_worker(agent: Agent, log_level: str) -> None:
-    """Run ``agent`` until SIGINT/SIGTERM or a shutdown command, then drain and exit."""
+    """Run ``agent`` until SIGINT/SIGTERM or a shutdown command, then drain and exit.
+
+    With ``MESH_HEALTH_PORT`` set, the health port is up before the agent starts and
+    down after it drained: mode's Worker stops its services in reverse order.
+    """
     logcontext.configure(log_level.upper())
     logging.getLogger("mode.worker").addFilter(_OneLineErrors())
-    worker = Worker(agent, override_logging=False, loglevel=log_level, redirect_stdouts=False)
+    services: list[ServiceT] = [agent]
+    settings = agent.settings
+    if settings.health_port is not None:
+        services.insert(0, HealthServer(agent, settings.health_port, settings.health_host))
+    worker = Worker(
+        *services, override_logging=False, loglevel=log_level, redirect_stdouts=False
+    )
     worker.execute_from_commandline()
 
 
