@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import click
 
-from mesh.cli import agents, audit, control, policy, provision, publish, queues, run, tail, token
+from mesh.cli import (
+    agents,
+    audit,
+    control,
+    policy,
+    provision,
+    publish,
+    queues,
+    run,
+    schema,
+    tail,
+    token,
+)
 from mesh.cli.common import example
 
 
@@ -42,9 +54,11 @@ main.add_command(agents.agents)
 main.add_command(queues.queues)
 main.add_command(queues.forget)
 
-# The policy file and its users' tokens: mesh/cli/policy.py, mesh/cli/token.py
+# The policy file, its users' tokens and its payload schemas: mesh/cli/policy.py,
+# mesh/cli/token.py, mesh/cli/schema.py
 main.add_command(policy.policy)
 main.add_command(token.token)
+main.add_command(schema.schema)
 
 # Broker users from the policy: mesh/cli/provision.py
 main.add_command(provision.provision)
