@@ -78,7 +78,7 @@ async def test_a_record_deleted_and_added_again_edited_is_named_edited(
     problem = await only_problem(redis, namespace, trail)
     assert (problem.chain, problem.kind, problem.seq) == (trail.chain, "edited", 5)
     assert problem.entry == new_id.decode()
-    assert "mac does not verify" in problem.detail
+    assert "mac does not verify, and it was deleted and added again" in problem.detail
 
 
 async def test_the_last_record_deleted_and_added_again_edited_is_named_edited(

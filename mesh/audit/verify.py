@@ -317,8 +317,8 @@ class _Walk:
                 "edited",
                 later.seq,
                 later.id,
-                f"its mac does not verify; it stands after seq {seq}, at the stream's end "
-                "(deleted and added again)",
+                "its mac does not verify, and it was deleted and added again (at the stream's "
+                f"end, not after seq {expected - 1})",
             )
         if sealed:
             return self._problem(
