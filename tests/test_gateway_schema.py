@@ -13,7 +13,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 from agents_reliability import Host, Peek, host, mesh_id, peek, subscriber, vhost_of
 from aio_pika.abc import AbstractIncomingMessage
-from helpers import running, take
+from helpers import mesh_cli, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, RemoteError, Settings, on, rpc, topology
@@ -28,12 +28,14 @@ principals:
   vehicles: {kind: agent, agents: ["v[0-9]*"]}
   monitor: {kind: agent}
   gateway: {kind: gateway}
+  ops: {kind: operator, agents: ["client-*"]}
 rule_sets:
   telemetry:
     rules:
       - {allow: publish, who: vehicles, topics: "vehicle.{self}.#"}
+      - {allow: publish, who: ops, topics: "vehicle.#"}
       - {allow: subscribe, who: monitor, topics: "vehicle.#"}
-      - {allow: request, who: monitor, request: {agent: "v[0-9]*", operation: status}}
+      - {allow: request, who: [monitor, ops], request: {agent: "v[0-9]*", operation: status}}
       - {allow: reply, who: "*", reply: {agent: "*"}}
 schemas:
   definitions:
@@ -233,3 +235,27 @@ async def test_the_stage_runs_after_authorize_only_when_the_policy_declares_sche
     assert names.index("schema") == names.index("authorize") + 1
     assert "schema" not in stages(without)
 
+
+async def test_mesh_call_and_publish_name_the_schema_version(as_principal: Principal) -> None:
+    gw, vehicles, monitor, ops = [
+        await as_principal(p) for p in ("gateway", "vehicles", "monitor", "ops")
+    ]
+    v7 = Vehicle("v7", settings=vehicles)
+    watcher = subscriber(monitor, Watch, agent_id="monitor")
+    async with running(Gateway(settings=gw), v7, watcher):
+        code, out, err = await mesh_cli(
+            ops, "call", "v7", "status", '{"verbose": "yes"}', "--schema", "status@1"
+        )
+        assert code == 1
+        assert "payload.verbose: a string is not of type 'boolean' (status@1)" in err
+        code, out, err = await mesh_cli(
+            ops, "call", "v7", "status", '{"verbose": true}', "--schema", "status@1"
+        )
+        assert (code, json.loads(out)) == (0, {"vehicle": "v7"}), err
+        reading = '{"vehicle": "v7", "speed_kmh": 1}'
+        code, out, err = await mesh_cli(
+            ops, "publish", "vehicle.v7.speed", reading, "--schema", "reading@1"
+        )
+        assert code == 0, err
+        [seen] = await take(watcher.seen, 1)
+        assert (seen.message_id, seen.schema_id) == (out.strip(), "reading@1")

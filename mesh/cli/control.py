@@ -81,14 +81,22 @@ def shutdown(agent: str, timeout: float) -> None:
 
 @click.command(
     epilog=example(
-        "mesh call v7 status", "mesh call billing invoice '{\"order\": 42}' --timeout 10"
+        "mesh call v7 status",
+        "mesh call billing invoice '{\"order\": 42}' --timeout 10",
+        "mesh call v7 status '{\"verbose\": true}' --schema status@1",
     )
 )
 @click.argument("agent")
 @click.argument("operation")
 @click.argument("payload", default="{}")
 @click.option("--timeout", default=5.0, show_default=True)
-def call(agent: str, operation: str, payload: str, timeout: float) -> None:
+@click.option(
+    "--schema",
+    default=None,
+    metavar="NAME@VERSION",
+    help="The schema version the payload follows (x-mesh-schema), where the policy asks.",
+)
+def call(agent: str, operation: str, payload: str, timeout: float, schema: str | None) -> None:
     """Call OPERATION on AGENT with a JSON PAYLOAD and print the reply."""
     try:
         topology.check_name("agent id", agent)
@@ -98,4 +106,8 @@ def call(agent: str, operation: str, payload: str, timeout: float) -> None:
         raise click.BadParameter(str(exc)) from None
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"payload is not JSON: {exc}") from None
-    echo_json(with_client(lambda client: client.request(agent, operation, body, timeout=timeout)))
+    echo_json(
+        with_client(
+            lambda client: client.request(agent, operation, body, timeout=timeout, schema=schema)
+        )
+    )

@@ -63,14 +63,14 @@ async def _lines(stream: TextIO) -> AsyncIterator[str]:
 
 
 async def _publish_lines(
-    client: Agent, topic: str, stream: TextIO, headers: dict[str, str]
+    client: Agent, topic: str, stream: TextIO, headers: dict[str, str], schema: str | None
 ) -> None:
     number = 0
     async for line in _lines(stream):
         number += 1
         if line.strip():
             payload = _json(line, f"line {number}")
-            click.echo(await client.publish(topic, payload, headers=headers))
+            click.echo(await client.publish(topic, payload, headers=headers, schema=schema))
 
 
 @click.command(
@@ -78,6 +78,8 @@ async def _publish_lines(
         "mesh publish vehicle.v7.speed '{\"vehicle\": \"v7\", \"speed_kmh\": 88}'",
         "echo '{\"speed_kmh\": 88}' | mesh publish vehicle.v7.speed - --header source=test",
         "mesh publish vehicle.v7.speed --jsonl < readings.jsonl",
+        "mesh publish vehicle.v7.speed '{\"vehicle\": \"v7\", \"speed_kmh\": 88}' "
+        "--schema reading@1",
     )
 )
 @click.argument("topic")
@@ -95,7 +97,15 @@ async def _publish_lines(
     callback=_headers,
     help="Add a header (repeatable).",
 )
-def publish(topic: str, payload: str | None, jsonl: bool, headers: dict[str, str]) -> None:
+@click.option(
+    "--schema",
+    default=None,
+    metavar="NAME@VERSION",
+    help="The schema version the payload follows (x-mesh-schema), where the policy asks.",
+)
+def publish(
+    topic: str, payload: str | None, jsonl: bool, headers: dict[str, str], schema: str | None
+) -> None:
     """Publish PAYLOAD (JSON, default {}; - reads stdin) to TOPIC through the gateway.
 
     Prints the message id once the broker has confirmed the message.
@@ -107,8 +117,10 @@ def publish(topic: str, payload: str | None, jsonl: bool, headers: dict[str, str
     if jsonl:
         if payload not in (None, "-"):
             raise click.UsageError("--jsonl reads the payloads from stdin: give no PAYLOAD")
-        with_client(lambda client: _publish_lines(client, topic, sys.stdin, headers))
+        with_client(lambda client: _publish_lines(client, topic, sys.stdin, headers, schema))
         return
     text = sys.stdin.read() if payload == "-" else payload or "{}"
     body = _json(text, "payload")
-    click.echo(with_client(lambda client: client.publish(topic, body, headers=headers)))
+    click.echo(
+        with_client(lambda client: client.publish(topic, body, headers=headers, schema=schema))
+    )
