@@ -234,7 +234,7 @@ class Agent(Service):
         started (connected, consuming, registered) and neither draining nor cut off from
         RabbitMQ or Redis."""
         if self._leaving:
-            return "draining: stopping"
+            return "draining"
         if not self._serving:
             return "starting"
         if not self.transport.connected:
