@@ -243,13 +243,16 @@ async def test_mesh_call_and_publish_name_the_schema_version(as_principal: Princ
     v7 = Vehicle("v7", settings=vehicles)
     watcher = subscriber(monitor, Watch, agent_id="monitor")
     async with running(Gateway(settings=gw), v7, watcher):
+        # A generous timeout: the command runs in a process of its own on a busy machine.
         code, out, err = await mesh_cli(
-            ops, "call", "v7", "status", '{"verbose": "yes"}', "--schema", "status@1"
+            ops, "call", "v7", "status", '{"verbose": "yes"}', "--schema", "status@1",
+            "--timeout", "30",
         )
-        assert code == 1
-        assert "payload.verbose: a string is not of type 'boolean' (status@1)" in err
+        assert code == 1, err
+        assert "payload.verbose: a string is not of type 'boolean' (status@1)" in err, err
         code, out, err = await mesh_cli(
-            ops, "call", "v7", "status", '{"verbose": true}', "--schema", "status@1"
+            ops, "call", "v7", "status", '{"verbose": true}', "--schema", "status@1",
+            "--timeout", "30",
         )
         assert (code, json.loads(out)) == (0, {"vehicle": "v7"}), err
         reading = '{"vehicle": "v7", "speed_kmh": 1}'
