@@ -41,5 +41,11 @@ class RegistryIndexer:
         except (TopicError, ValueError) as exc:  # also pydantic's, for a record it cannot read
             raise Denied(self.name, f"registry record of {agent}/{instance}: {exc}") from None
         except REDIS_DOWN as exc:
-            # The instance finds itself unindexed at a heartbeat and announces itself again.
-            raise Denied(self.name, f"registry unavailable ({type(exc).__name__})") from None
+            # The event still passes (its subscribers need no Redis); the instance finds
+            # itself unindexed at a heartbeat and announces itself again.
+            logger.warning(
+                "registry event of %s/%s passed unindexed (Redis unreachable: %s)",
+                agent,
+                instance,
+                exc,
+            )
