@@ -170,6 +170,10 @@ MISSED = {
         f"{b64url({'typ': 'JWT'})}.{b64url({'sub': '1'})}.sig",  # no alg
         "eyJhbGciOi.eyJzdWIi.x",  # not JSON
         "eyJ-not-a-token",
+        f"{b64url({'alg': 'none'})}.{b64url({'a': 1})[:-1] + '['}.x",  # bad base64
+        # A header nested too deep for json.loads (RecursionError).
+        base64.urlsafe_b64encode(b'{"alg":' + b"[" * 100_000).decode().rstrip("=")
+        + f".{b64url({'a': 1})}.x",
     ],
     "bearer_token": ["Bearer tokens are documented here", "Bearer aaaaaaaaaaaaaaaaaaaa"],
     "secret": [
@@ -233,7 +237,10 @@ def test_secret_under_a_key_word() -> None:
 def test_ssn_under_an_ssn_key() -> None:
     assert kinds({"ssn": "536904399"}) == ["ssn"]
     assert kinds({"employee_ssn": "536 904 399"}) == ["ssn"]
+    assert kinds({"SocialSecurityNumber": "536904399"}) == ["ssn"]
+    assert kinds({"note": "social security number 536904399"}) == ["ssn"]
     assert kinds({"id": "536904399"}) == []
+    assert kinds({"note": "classname 536904399"}) == []
 
 
 def test_numbers_sent_as_numbers() -> None:

@@ -56,7 +56,7 @@ def test_top_level_values() -> None:
     assert found(scanner().scan([CARD])) == [("card", "payload[0]")]
     assert found(scanner().scan(4111111111111111)) == [("card", "payload")]
     nothing: object
-    for nothing in (None, True, 1.5, 12, "", [], {}):
+    for nothing in (None, True, 1.5, 12, "", [], {}, 10**5000, [-(10**5000)]):
         assert scanner().scan(nothing).findings == ()
 
 

@@ -107,7 +107,7 @@ def number_spans(text: str, start: int, end: int, context: Context) -> list[Span
     (which may start with ``+``)."""
     kinds = context.kinds
     plus = text[start] == "+"
-    if IBAN in kinds and not plus and start >= 2:
+    if IBAN in kinds and not plus and start >= 2 and text[start - 2 : start].isalpha():
         span = _iban_at(text, start - 2)
         if span is not None:
             return [span]
@@ -357,6 +357,8 @@ _DIGIT = "0123456789"
 SECRET_KINDS = frozenset({SECRET, AWS_SECRET_KEY, AZURE_KEY, JWT})
 """What a key word (``api_key``, ``password``) may announce."""
 _NAMED = "(?i:" + "|".join(sorted(KV_SUFFIXES)) + ")"
+_VALUE = r"[\x00-\x20]{0,3}[\"']?"  # before a value: spaces, a quote
+_VALUE_CHAR = r"[A-Za-z0-9\-._~+/=%]"
 
 BRANCHES: tuple[Branch, ...] = (
     Branch(
@@ -406,8 +408,10 @@ BRANCHES: tuple[Branch, ...] = (
     ),
     Branch(
         ":=",
+        # What follows first (cheap, and rules out times such as 12:30), then the key word.
+        rf"(?={_VALUE}{_VALUE_CHAR}{{8}})"
         rf"(?:(?<={_NAMED}.)|(?<={_NAMED}[\"' ].)|(?<={_NAMED}[\"' ]{{2}}.))"
-        r"[\x00-\x20]{0,3}[\"']?[A-Za-z0-9\-._~+/=%]{8,}",
+        rf"{_VALUE}{_VALUE_CHAR}{{8,}}",
         SECRET_KINDS,
         _key_value,
     ),

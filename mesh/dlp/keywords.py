@@ -19,6 +19,7 @@ _ENDS = ("token", "pwd", "auth", "authorization", "signature", "sig", "passphras
 _AWS = ("secretaccesskey", "awssecretkey")
 _AZURE = ("accountkey", "sharedaccesskey", "storagekey")
 _NOT_NAME = re.compile(r"[^a-z0-9]+")
+_SSN_WORDS = re.compile(r"(?i)(?<![a-z])ssns?(?![a-z])|social[ _-]?security")
 
 KV_SUFFIXES: frozenset[str] = frozenset(w[-3:] for w in (*_CONTAINS, *_ENDS, *_AWS, *_AZURE))
 """The last three letters of every key word: in running text (``api_key=...``) a cheap
@@ -52,5 +53,4 @@ def ssn_context(name: str) -> bool:
 
 def mentions_ssn(text: str) -> bool:
     """Whether free text speaks of a social security number."""
-    lower = text.lower()
-    return "ssn" in lower or "social security" in lower
+    return _SSN_WORDS.search(text) is not None

@@ -28,7 +28,8 @@ from mesh.dlp.rules import DEFAULT_MAX_BYTES, Action, DlpRuleSpec, DlpSpec
 from mesh.topology import matches
 
 _SHORTEST = 6
-"""No built-in finding is shorter (``a@b.cd``): shorter strings skip the search."""
+"""No built-in finding is shorter (``a@b.cd``): shorter strings skip the search (and, but
+under a key word, everything else; pattern rules still see them)."""
 _BIG = 10**8
 """Integers this large (nine digits) or larger may be an SSN or a card number."""
 _TOP: KeyInfo = (None, False, None)
@@ -155,7 +156,7 @@ class _Walk:
         elif kind is str:
             self._text(payload, None, None, None, _TOP)
         elif kind is int and (payload >= _BIG or payload <= -_BIG):
-            self._text(str(payload), None, None, None, _TOP)
+            self._number(payload, None, None, None, _TOP)
 
     def _containers(self, top: dict[str, Any] | list[Any]) -> None:
         # The hot loop: keep it to type checks, a cached key lookup and one search.
@@ -164,6 +165,7 @@ class _Walk:
         search = plan.search
         custom = plan.custom_search
         text = self._text
+        shortest, big = _SHORTEST, _BIG
         queue: list[tuple[Any, Place | None]] = [(top, None)]
         for container, place in queue:
             if type(container) is dict:
@@ -174,30 +176,27 @@ class _Walk:
                     kind = type(item)
                     if kind is str:
                         if (
-                            info[0] is not None
-                            or not item.isascii()
-                            or (len(item) >= _SHORTEST and search(item) is not None)
-                            or (custom is not None and custom(item) is not None)
+                            (len(item) >= shortest and (search(item) or not item.isascii()))
+                            or info[0] is not None
+                            or (custom is not None and custom(item))
                         ):
                             text(item, container, place, key, info)
                     elif kind is dict or kind is list:
                         queue.append((item, (place, container, key, info[2])))
-                    elif kind is int and (item >= _BIG or item <= -_BIG):
-                        text(str(item), container, place, key, info)
+                    elif kind is int and (item >= big or item <= -big):
+                        self._number(item, container, place, key, info)
             else:
                 for index, item in enumerate(container):
                     kind = type(item)
                     if kind is str:
-                        if (
-                            not item.isascii()
-                            or (len(item) >= _SHORTEST and search(item) is not None)
-                            or (custom is not None and custom(item) is not None)
+                        if (len(item) >= shortest and (search(item) or not item.isascii())) or (
+                            custom is not None and custom(item)
                         ):
                             text(item, container, place, index, (None, False, index))
                     elif kind is dict or kind is list:
                         queue.append((item, (place, container, index, index)))
-                    elif kind is int and (item >= _BIG or item <= -_BIG):
-                        text(str(item), container, place, index, (None, False, index))
+                    elif kind is int and (item >= big or item <= -big):
+                        self._number(item, container, place, index, (None, False, index))
 
     def _key(self, container: dict[str, Any], place: Place | None, key: Any) -> KeyInfo:
         plan = self.plan
@@ -250,6 +249,15 @@ class _Walk:
         if self.copy is None:
             self.copy = Copy(self.payload)
         return self.copy
+
+    def _number(
+        self, number: int, container: Any, place: Place | None, key: Any, info: KeyInfo
+    ) -> None:
+        try:
+            digits = str(number)
+        except ValueError:  # longer than Python will print (4,300 digits): no card or SSN
+            return
+        self._text(digits, container, place, key, info)
 
     def _record(self, hits: list[Hit], where: str) -> None:
         for hit in hits:

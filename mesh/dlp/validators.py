@@ -182,7 +182,7 @@ def jwt(token: str) -> bool:
             return False
         try:
             objects.append(json.loads(raw))
-        except ValueError:  # also bad UTF-8
+        except (ValueError, RecursionError):  # bad JSON or UTF-8; absurdly deep nesting
             return False
     header, claims = objects
     return (
