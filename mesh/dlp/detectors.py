@@ -33,7 +33,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from itertools import accumulate
+from itertools import accumulate, groupby
 
 from mesh.dlp import validators
 from mesh.dlp.keywords import KV_SUFFIXES, mentions_ssn, secret_kind
@@ -86,13 +86,16 @@ class Branch:
     """One alternative of the combined pattern: its anchor characters, the pattern after the
     anchor, the kinds it can find, and the handler that checks what it matched.
     ``whole``: the handler looked at all of it, so the search goes on after it even when
-    nothing was found (else one character on, where another branch may start)."""
+    nothing was found (else one character on, where another branch may start).  ``guard``:
+    a test that branches of one anchor share, written once before them (so that a digit
+    inside a number fails once, not once per branch)."""
 
     anchors: str
     pattern: str
     kinds: frozenset[str]
     handler: Handler
     whole: bool = False
+    guard: str = ""
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -111,6 +114,8 @@ def number_spans(text: str, start: int, end: int, context: Context) -> list[Span
         span = _iban_at(text, start - 2)
         if span is not None:
             return [span]
+    if not plus and text[start:end].isdigit():
+        return _digits_only(text, start, end, context)
     run = _Run(text, start, end)
     found: list[Span] = []
     if plus:
@@ -141,6 +146,24 @@ def number_spans(text: str, start: int, end: int, context: Context) -> list[Span
     if PHONE in kinds and run.free >= 10:
         _national(run, found)
     return found
+
+
+def _digits_only(text: str, start: int, end: int, context: Context) -> list[Span]:
+    # What the windows below come to for one group of digits, the usual false candidate
+    # (ids, timestamps in ms, tracking numbers): without building them.
+    digits, kinds = text[start:end], context.kinds
+    if CARD in kinds and 13 <= len(digits) <= 19 and validators.card(digits):
+        return [(CARD, start, end)]
+    if (
+        SSN in kinds
+        and len(digits) == 9
+        and (context.ssn_key or mentions_ssn(text))
+        and validators.ssn(digits)
+    ):
+        return [(SSN, start, end)]
+    if PHONE in kinds and digits.startswith("00") and validators.e164(digits[2:]):
+        return [(PHONE, start - 1 if start > 0 and text[start - 1] == "(" else start, end)]
+    return []
 
 
 class _Run:
@@ -354,6 +377,8 @@ def judge_secret(kind: str, value: str, kinds: frozenset[str]) -> str | None:
 # ----------------------------------------------------------------------------- the pattern
 
 _DIGIT = "0123456789"
+_RUN_START = "(?<![0-9].)"
+"""After a digit anchor: the digit starts a run (no digit before it)."""
 SECRET_KINDS = frozenset({SECRET, AWS_SECRET_KEY, AZURE_KEY, JWT})
 """What a key word (``api_key``, ``password``) may announce."""
 _NAMED = "(?i:" + "|".join(sorted(KV_SUFFIXES)) + ")"
@@ -363,10 +388,11 @@ _VALUE_CHAR = r"[A-Za-z0-9\-._~+/=%]"
 BRANCHES: tuple[Branch, ...] = (
     Branch(
         _DIGIT,
-        rf"(?<![0-9].)(?:{_SEP}{{0,3}}[0-9]){{8,}}",
+        rf"(?:{_SEP}{{0,3}}[0-9]){{8,}}",
         frozenset({CARD, SSN, PHONE, IBAN}),
         _numbers,
         whole=True,
+        guard=_RUN_START,
     ),
     Branch("+", rf"(?:{_SEP}{{0,3}}[0-9]){{8,}}", frozenset({PHONE}), _numbers, whole=True),
     Branch(
@@ -374,6 +400,7 @@ BRANCHES: tuple[Branch, ...] = (
         r"(?<=(?<![A-Za-z0-9])[A-Za-z]{2}[0-9])[0-9](?:[\x00-\x20.\-]{0,2}[A-Za-z0-9]){11,30}",
         frozenset({IBAN}),
         _iban,
+        guard=_RUN_START,
     ),
     Branch(
         "@",
@@ -457,9 +484,12 @@ def prefilter(kinds: frozenset[str]) -> Prefilter | None:
     numbered: list[Branch | None] = [None]
     alternatives = []
     for anchor, branches in by_anchor.items():
-        inner = []
-        for branch in branches:
-            numbered.append(branch)
-            inner.append(f"{branch.pattern}()")
-        alternatives.append(f"{re.escape(anchor)}(?:{'|'.join(inner)})")
+        parts = []
+        for guard, guarded in groupby(branches, key=lambda b: b.guard):
+            inner = []
+            for branch in guarded:
+                numbered.append(branch)  # in the order of their groups in the pattern
+                inner.append(f"{branch.pattern}()")
+            parts.append(f"{guard}(?:{'|'.join(inner)})")
+        alternatives.append(f"{re.escape(anchor)}(?:{'|'.join(parts)})")
     return Prefilter(re.compile("|".join(alternatives)), tuple(numbered))

@@ -98,6 +98,11 @@ class Folded:
         return index + 1 + position - start - length
 
 
+def needs_folding(text: str) -> bool:
+    """Whether ``fold`` would change ``text``."""
+    return not text.isascii() and _foldable().search(text) is not None
+
+
 def fold(text: str) -> Folded | None:
     """``text`` folded, or ``None`` if folding would not change it."""
     if text.isascii():

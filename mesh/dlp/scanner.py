@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.dlp import fold
+from mesh.dlp import fold, validators
 from mesh.dlp.detectors import judge_secret
 from mesh.dlp.keywords import secret_kind, ssn_context
+from mesh.dlp.kinds import CARD, SSN
 from mesh.dlp.paths import ROOT, Place, path
 from mesh.dlp.plan import Hit, KeyInfo, Plan
 from mesh.dlp.redact import Copy, masked
@@ -29,7 +30,8 @@ from mesh.topology import matches
 
 _SHORTEST = 6
 """No built-in finding is shorter (``a@b.cd``): shorter strings skip the search (and, but
-under a key word, everything else; pattern rules still see them)."""
+under a key word, everything else; pattern rules still see them).  So do longer ones without
+a candidate and, outside ASCII, without anything to fold."""
 _BIG = 10**8
 """Integers this large (nine digits) or larger may be an SSN or a card number."""
 _TOP: KeyInfo = (None, False, None)
@@ -165,6 +167,7 @@ class _Walk:
         search = plan.search
         custom = plan.custom_search
         text = self._text
+        needs_folding = fold.needs_folding
         shortest, big = _SHORTEST, _BIG
         queue: list[tuple[Any, Place | None]] = [(top, None)]
         for container, place in queue:
@@ -176,7 +179,7 @@ class _Walk:
                     kind = type(item)
                     if kind is str:
                         if (
-                            (len(item) >= shortest and (search(item) or not item.isascii()))
+                            (len(item) >= shortest and (search(item) or needs_folding(item)))
                             or info[0] is not None
                             or (custom is not None and custom(item))
                         ):
@@ -189,7 +192,7 @@ class _Walk:
                 for index, item in enumerate(container):
                     kind = type(item)
                     if kind is str:
-                        if (len(item) >= shortest and (search(item) or not item.isascii())) or (
+                        if (len(item) >= shortest and (search(item) or needs_folding(item))) or (
                             custom is not None and custom(item)
                         ):
                             text(item, container, place, index, (None, False, index))
@@ -256,6 +259,16 @@ class _Walk:
         try:
             digits = str(number)
         except ValueError:  # longer than Python will print (4,300 digits): no card or SSN
+            return
+        plan = self.plan
+        # Written as a number, only a card or (under an SSN key) an SSN can be one: check
+        # that before the whole pipeline, which ids and timestamps in ms would go through.
+        plain = digits.lstrip("-")
+        if (
+            plan.custom_search is None
+            and not (CARD in plan.kinds and validators.card(plain))
+            and not (SSN in plan.kinds and info[1] and validators.ssn(plain))
+        ):
             return
         self._text(digits, container, place, key, info)
 
