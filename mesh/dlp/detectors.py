@@ -123,7 +123,7 @@ def number_spans(text: str, start: int, end: int, context: Context) -> list[Span
             _international(run, found, 0, start)
         return found
     if CARD in kinds and len(run.digits) >= 13:
-        for i in range(len(run.bounds)):
+        for i in range(run.count):
             # The longest valid window: 4 1 1 1 ... may hold a 13-digit Visa number too.
             longest = None
             for _, j in run.windows(13, 19, i):
@@ -170,21 +170,30 @@ class _Run:
     """A run of digit groups as written (``4111 1111 ...``), and which groups a finding
     has taken."""
 
-    __slots__ = ("bounds", "digits", "free", "offsets", "text", "used")
+    __slots__ = ("_bounds", "count", "digits", "end", "free", "offsets", "start", "text", "used")
 
     def __init__(self, text: str, start: int, end: int) -> None:
-        self.text = text
-        self.bounds = [g.span() for g in _DIGITS.finditer(text, start, end)]
-        self.digits = "".join(text[s:e] for s, e in self.bounds)
-        self.offsets = [0, *accumulate(e - s for s, e in self.bounds)]
-        self.used = [False] * len(self.bounds)
+        self.text, self.start, self.end = text, start, end
+        groups = _DIGITS.findall(text, start, end)
+        self.count = len(groups)
+        self.digits = "".join(groups)
+        self.offsets = [0, *accumulate(map(len, groups))]
+        self.used = [False] * self.count
         self.free = len(self.digits)
         """Digits no finding has taken yet."""
+        self._bounds: list[tuple[int, int]] | None = None
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """Where each group is in the text (found when first asked: most runs hold nothing)."""
+        if self._bounds is None:
+            self._bounds = [g.span() for g in _DIGITS.finditer(self.text, self.start, self.end)]
+        return self._bounds
 
     def windows(self, low: int, high: int, first: int | None = None) -> Iterator[tuple[int, int]]:
         """Groups i..j (from any group, or from ``first``) holding ``low`` to ``high`` digits,
         none taken.  Taking a window (``take``) ends the windows over its groups."""
-        offsets, used, count = self.offsets, self.used, len(self.bounds)
+        offsets, used, count = self.offsets, self.used, self.count
         for i in range(count) if first is None else (first,):
             for j in range(i, count):
                 if used[j]:

@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import math
+import string
 from collections import Counter
 
 # (lowest prefix, highest prefix, card lengths): the IIN ranges of the networks that issue
@@ -53,6 +54,9 @@ _CARD_BY_FIRST: dict[str, tuple[tuple[str, str, frozenset[int]], ...]] = {
     first: tuple(r for r in _CARD_RANGES if r[0][0] == first) for first in "0123456789"
 }
 
+# ISO 13616: for the checksum, A is 10, B is 11, ... Z is 35.
+_LETTER_NUMBERS = str.maketrans({c: str(10 + i) for i, c in enumerate(string.ascii_uppercase)})
+
 IBAN_LENGTHS: dict[str, int] = {
     # SWIFT's IBAN registry (release 101): country code -> IBAN length.
     "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22,
@@ -87,13 +91,15 @@ _CALLING_CODES = (
 CALLING_CODES: frozenset[str] = frozenset(map(str, _CALLING_CODES))
 
 # Each digit as Luhn counts it when doubled (2 * d, less 9 when that has two digits).
-_DOUBLED = str.maketrans("0123456789", "0246813579")
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
 
 
 def luhn(digits: str) -> bool:
     """Whether ``digits`` (ASCII digits only) pass the Luhn checksum."""
-    doubled = digits[-2::-2].translate(_DOUBLED)
-    return (sum(map(int, digits[-1::-2])) + sum(map(int, doubled))) % 10 == 0
+    raw = digits.encode("ascii")
+    # Sums of the ASCII codes, less 48 ('0') for each digit: the C loop of sum() over bytes.
+    total = sum(raw[-1::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)
+    return total % 10 == 0
 
 
 def card_issued(digits: str) -> bool:
@@ -117,8 +123,7 @@ def iban(chars: str) -> bool:
         return False
     if not "02" <= chars[2:4] <= "98" or not chars.isalnum() or not chars.isascii():
         return False
-    rearranged = chars[4:] + chars[:4]
-    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+    return int((chars[4:] + chars[:4]).translate(_LETTER_NUMBERS)) % 97 == 1
 
 
 def ssn(digits: str) -> bool:
