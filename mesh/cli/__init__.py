@@ -7,6 +7,7 @@ import click
 from mesh.cli import (
     agents,
     audit,
+    bridge,
     control,
     policy,
     provision,
@@ -65,3 +66,6 @@ main.add_command(provision.provision)
 
 # The gateway's audit trail: mesh/cli/audit.py
 main.add_command(audit.audit)
+
+# REST and websocket access to the mesh: mesh/cli/bridge.py
+main.add_command(bridge.bridge)
