@@ -8,7 +8,7 @@ given size, parsed once, then scanned ``--iterations`` times (fewer for large si
 least 200) with every built-in detector set to ``redact``, the worst case: whatever is found
 is masked into a copy.  "clean" payloads hold nothing to find (but identifiers, dates, URLs,
 hex trace ids and decimals that look a little like it); "findings" payloads have one planted
-value (an e-mail, card, phone number, IBAN, SSN, AWS key id or JWT, in turn) per ~700 bytes
+value (an e-mail, card, phone number, IBAN, SSN, AWS key id or JWT, in turn) per ~600 bytes
 in their free-text fields.
 
 Prints, per size and kind: median and p99 wall-clock per scan in ms, microseconds per KB
@@ -134,12 +134,12 @@ def payload(size: int, rng: random.Random) -> dict[str, Any]:
 
 
 def plant(value: dict[str, Any], size: int, rng: random.Random) -> int:
-    """Put one planted value per ~700 bytes into free-text fields; how many."""
+    """Put one planted value per ~600 bytes into free-text fields; how many."""
     slots: list[tuple[dict[str, Any], str]] = [
         (value, "note" if "note" in value else "description")
     ]
     slots += [(i, "note") for i in value.get("items", [])]
-    count = min(len(slots), max(1, size // 700))
+    count = min(len(slots), max(1, size // 600))
     for n, (holder, key) in enumerate(rng.sample(slots, count)):
         holder[key] = PLANTED[n % len(PLANTED)]
     return count

@@ -124,6 +124,8 @@ def number_spans(text: str, start: int, end: int, context: Context) -> list[Span
         return found
     if CARD in kinds and len(run.digits) >= 13:
         for i in range(run.count):
+            if run.used[i]:
+                continue
             # The longest valid window: 4 1 1 1 ... may hold a 13-digit Visa number too.
             longest = None
             for _, j in run.windows(13, 19, i):
