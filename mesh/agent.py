@@ -353,6 +353,7 @@ class Agent(Service):
         if self._joined:  # not when the start failed before it joined
             self._joined = False
             await self._membership.leave()
+        await self.on_drained()
         for awaited in self._awaited.values():
             awaited.replies.put_nowait(None)
         if self._inbox_channel is not None:
@@ -363,6 +364,10 @@ class Agent(Service):
         await self.transport.close()
         await self.redis.aclose()
         logger.info("agent %s/%s stopped", self.id, self.instance)
+
+    async def on_drained(self) -> None:
+        """Called as the agent stops, once its behaviours finished and before its connections
+        close: an extension point for what must be flushed with them still open."""
 
     async def _open_inbox(self) -> None:
         self._inbox_channel = await self.transport.open_channel(

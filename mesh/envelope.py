@@ -161,6 +161,7 @@ def forwarded(
     *,
     expiring: bool = True,
     sender_id: str | None = None,
+    body: bytes | None = None,
 ) -> aio_pika.Message:
     """A copy of a delivered message with ``headers``, to publish on.
 
@@ -174,6 +175,7 @@ def forwarded(
     share one) could take each other's return.  The sender's id travels in
     ``x-mesh-id``, which ``from_amqp`` reads back as ``Message.message_id``: ``sender_id``,
     by default ``mesh_id(incoming)``; the gateway passes the sender's ``message_id``.
+    ``body`` replaces the delivered body (the gateway's redaction).
     """
     headers = dict(headers)
     original = mesh_id(incoming) if sender_id is None else sender_id
@@ -182,7 +184,7 @@ def forwarded(
     else:
         headers.pop(H_MESH_ID, None)
     return aio_pika.Message(
-        incoming.body,
+        incoming.body if body is None else body,
         headers=headers,
         content_type=incoming.content_type,
         content_encoding=incoming.content_encoding,

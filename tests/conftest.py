@@ -8,8 +8,14 @@ for ``settings`` gets its own RabbitMQ vhost (``mesh-test-<id>``) and Redis key 
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 import redis.asyncio as aioredis
+from helpers import PrivateRedis, free_port
+from pydantic import SecretStr
 
 from mesh.config import Settings
 from mesh.devservices import BrokerAdmin, Services, ensure_services
@@ -41,9 +47,22 @@ def namespace(mesh_namespace: str) -> str:
 
 @pytest.fixture
 def settings(mesh_settings: Settings) -> Settings:
-    return mesh_settings
+    """The plugin's, with an audit key: the suite's gateways keep an audit trail, which the
+    tests read to see what a gateway decided (``helpers.decision_of``)."""
+    return mesh_settings.model_copy(update={"audit_key": SecretStr(secrets.token_hex(24))})
 
 
 @pytest.fixture
 def redis(mesh_redis: aioredis.Redis) -> aioredis.Redis:
     return mesh_redis
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    """A throwaway ``redis-server`` of the test's own, to stop and start again."""
+    server = PrivateRedis(free_port(), tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

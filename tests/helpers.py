@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shutil
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+import redis.asyncio as aioredis
+
 from mesh import Agent, Settings
+from mesh.audit import AuditReader, AuditRecord
+from mesh.membership import REDIS_DOWN
 
 T = TypeVar("T")
 
@@ -98,3 +105,72 @@ async def mesh_cli(settings: Settings, *args: str, stdin: str = "") -> tuple[int
     )
     out, err = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
     return int(process.returncode or 0), out.decode(), err.decode()
+
+
+class PrivateRedis:
+    """A throwaway ``redis-server`` on its own port, with no persistence."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            pytest.skip("redis-server is not installed")
+        self.process = await asyncio.create_subprocess_exec(
+            server,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await eventually(self.answers, what=f"private redis-server on port {self.port} answers")
+
+    async def answers(self) -> bool:
+        assert self.process is not None
+        if self.process.returncode is not None:
+            raise RuntimeError(
+                f"redis-server on port {self.port} exited: {self.process.returncode}"
+            )
+        client = aioredis.Redis.from_url(self.url, socket_connect_timeout=1)
+        try:
+            return bool(await client.ping())
+        except REDIS_DOWN:
+            return False
+        finally:
+            await client.aclose()
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def decision_of(settings: Settings, message_id: str, timeout: float = 15.0) -> AuditRecord:
+    """The audit record of the gateway's decision on ``message_id`` (polled: the gateway
+    appends it as it decides)."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    reader = AuditReader(client, settings.namespace)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                async for entry in reader.entries(newest_first=True):
+                    if entry.record.message_id == message_id:
+                        return entry.record
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"no audit record of {message_id} within {timeout}s") from None
+    finally:
+        await client.aclose()

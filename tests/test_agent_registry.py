@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import socket
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from agents_registry import SLEEPER_TOPIC, Sleeper, mesh_cli, mesh_run
-from helpers import eventually, free_port, running
+from helpers import PrivateRedis, eventually, running
 from pydantic import BaseModel
 
 from behaviours import OneShotBehaviour, SubscriberBehaviour
@@ -575,67 +573,6 @@ async def test_cli_agents_lists_and_shows_registered_agents(settings: Settings) 
 
 
 # --- a Redis outage ------------------------------------------------------------------------
-
-
-class PrivateRedis:
-    """A throwaway ``redis-server`` on its own port, with no persistence."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        server = shutil.which("redis-server")
-        if server is None:
-            pytest.skip("redis-server is not installed")
-        self.process = await asyncio.create_subprocess_exec(
-            server,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        await eventually(self.answers, what=f"private redis-server on port {self.port} answers")
-
-    async def answers(self) -> bool:
-        assert self.process is not None
-        if self.process.returncode is not None:
-            raise RuntimeError(
-                f"redis-server on port {self.port} exited: {self.process.returncode}"
-            )
-        client = aioredis.Redis.from_url(self.url, socket_connect_timeout=1)
-        try:
-            return bool(await client.ping())
-        except REDIS_DOWN:
-            return False
-        finally:
-            await client.aclose()
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis(free_port(), tmp_path)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
 
 
 class Tally(BaseModel):

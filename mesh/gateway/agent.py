@@ -7,22 +7,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from mesh.agent import GATEWAY_CAPABILITY, Agent
+from mesh.audit import AuditWriter
 from mesh.config import ConfigError, Settings
 from mesh.deadcounts import DeadLetterCounts
-from mesh.gateway.audit import Audit
+from mesh.gateway.audit import AuditTrail
 from mesh.gateway.authenticate import Authenticate
 from mesh.gateway.authorize import Authorize
 from mesh.gateway.decode import Decode
 from mesh.gateway.filer import DeadLetterFiler
+from mesh.gateway.gate import RedisGate
 from mesh.gateway.guard import Guard
 from mesh.gateway.indexer import RegistryIndexer
 from mesh.gateway.pipeline import Pipeline, Stage
+from mesh.gateway.ratelimit import RateLimit
 from mesh.gateway.relay import InternalRelay, Relay
 from mesh.gateway.replies import BindReplies
 from mesh.gateway.schema import SchemaCheck
 from mesh.membership import REDIS_DOWN
 from mesh.policy import Policy, PolicyError, load_policy
+from mesh.ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -31,22 +37,27 @@ def default_stages(
     gateway: str = "gateway",
     *,
     authorize: Authorize | None = None,
+    rate_limit: RateLimit | None = None,
     schema: SchemaCheck | None = None,
     indexer: RegistryIndexer | None = None,
     replies: BindReplies | None = None,
 ) -> list[Stage]:
-    """The gateway's stages.  ``authorize`` enforces a policy (without it: open mode);
-    ``schema`` checks payloads against the policy's schemas (before the indexer and reply
-    bindings act on a message it refuses); ``indexer`` keeps the registry's indexes from
-    registry events, and without it discovery finds no agent; ``replies`` (a
-    ``BindReplies`` on the mesh's Redis) binds replies to requests, and a gateway without it
-    relays any reply."""
-    optional: list[Stage] = [s for s in (authorize, schema, indexer, replies) if s is not None]
-    return [Decode(), Guard(gateway), Authenticate(), *optional, Audit()]
+    """The gateway's stages, in order.  ``authorize`` enforces a policy (without it: open
+    mode); ``rate_limit`` and ``schema`` apply its limits and payload schemas (before the
+    indexer and reply bindings act on a message they refuse); ``indexer`` keeps the
+    registry's indexes from registry events, and without it discovery finds no agent;
+    ``replies`` (a ``BindReplies`` on the mesh's Redis) binds replies to requests, and a
+    gateway without it relays any reply."""
+    optional = (authorize, rate_limit, schema, indexer, replies)
+    return [Decode(), Guard(gateway), Authenticate(), *(s for s in optional if s is not None)]
 
 
 class Gateway(Agent):
-    """Run with ``mesh gateway``; start as many replicas as the load needs."""
+    """Run with ``mesh gateway``; start as many replicas as the load needs.
+
+    Every decision is recorded (``AuditTrail``): in the tamper-evident audit trail when an
+    audit key is set (``MESH_AUDIT_KEY`` or ``MESH_AUDIT_KEY_FILE``), else in the log only.
+    """
 
     capabilities = [GATEWAY_CAPABILITY]
     behaviours = [Relay, InternalRelay, DeadLetterFiler]
@@ -60,24 +71,36 @@ class Gateway(Agent):
         super().__init__(id, **kwargs)
         self.policy = _load_policy(self.settings)
         if stages is None:
-            namespace = self.settings.namespace
-            authorize = None if self.policy is None else Authorize(self.policy, namespace)
-            schemas = None if self.policy is None else self.policy.schemas
-            stages = default_stages(
-                self.id,
-                authorize=authorize,
-                schema=SchemaCheck(schemas) if schemas is not None and schemas.declared else None,
-                indexer=RegistryIndexer(self.registry),
-                replies=BindReplies(self.redis, namespace),
-            )
-        pipeline = Pipeline(stages)
+            stages = self._stages(self.policy)
+        self.audit_writer = _audit_writer(self.redis, self.settings, f"{self.id}-{self.instance}")
+        self.gate = RedisGate(self.redis)
+        pipeline, trail = Pipeline(stages), AuditTrail(self.audit_writer)
         for name in (Relay.name, InternalRelay.name):
             relay = self.behaviour_map[name]
             assert isinstance(relay, Relay)
-            relay.pipeline = pipeline
+            relay.pipeline, relay.trail, relay.gate = pipeline, trail, self.gate
         filer = self.behaviour_map[DeadLetterFiler.name]
         assert isinstance(filer, DeadLetterFiler)
         filer.counts = DeadLetterCounts(self.redis, self.settings.namespace)
+
+    def _stages(self, policy: Policy | None) -> list[Stage]:
+        namespace = self.settings.namespace
+        indexer = RegistryIndexer(self.registry)
+        replies = BindReplies(self.redis, namespace)
+        if policy is None:
+            return default_stages(self.id, indexer=indexer, replies=replies)
+        limits = policy.rate_limits
+        schemas = policy.schemas
+        return default_stages(
+            self.id,
+            authorize=Authorize(policy, namespace),
+            rate_limit=RateLimit(policy, RateLimiter(self.redis, namespace, limits))
+            if limits
+            else None,
+            schema=SchemaCheck(schemas) if schemas.declared else None,
+            indexer=indexer,
+            replies=replies,
+        )
 
     async def on_start(self) -> None:
         if self.policy is None:
@@ -88,8 +111,25 @@ class Gateway(Agent):
             )
         else:
             logger.info("gateway %s enforces the policy %s", self.id, self.policy.source)
+        if self.audit_writer is None:
+            logger.warning(
+                "gateway %s keeps no audit trail (no MESH_AUDIT_KEY or MESH_AUDIT_KEY_FILE): "
+                "its decisions are only logged",
+                self.id,
+            )
+        else:
+            await self.audit_writer.start()
+            logger.info("gateway %s audits to chain %s", self.id, self.audit_writer.chain)
         await super().on_start()
         self.add_future(self._sweep_registry())
+
+    async def on_drained(self) -> None:
+        await self.gate.close_probe()
+        if self.audit_writer is not None:
+            try:
+                await self.audit_writer.close()
+            except REDIS_DOWN as exc:
+                logger.error("audit trail: the last checkpoint was not written (%s)", exc)
 
     async def _sweep_registry(self) -> None:
         """Take instances whose records lapsed out of the registry's indexes, now and then
@@ -103,6 +143,12 @@ class Gateway(Agent):
                 continue
             if swept:
                 logger.info("took %d lapsed instances out of the registry's indexes", swept)
+
+
+def _audit_writer(redis: aioredis.Redis, settings: Settings, replica: str) -> AuditWriter | None:
+    if settings.audit_key is None and settings.audit_key_file is None:
+        return None
+    return AuditWriter.from_settings(redis, settings, replica)
 
 
 def _load_policy(settings: Settings) -> Policy | None:

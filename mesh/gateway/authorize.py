@@ -56,6 +56,7 @@ class Authorize:
                 f"agent {agent!r} belongs to principal {principal.name!r}, whose broker user "
                 f"is {expected!r}, not {passage.user!r}",
             )
+        passage.principal = principal.name
         key = passage.routing_key
         if key.startswith("_registry."):
             self._registry_event(agent, incoming.body)
@@ -69,6 +70,7 @@ class Authorize:
                     f"({H_ON_BEHALF_OF}: {on_behalf_of!r})",
                 )
             on_behalf_of = str(on_behalf_of)
+            passage.principal, passage.delegated_by = on_behalf_of, principal.name
         action = _ACTIONS.get(key.split(".", 1)[0], "publish")
         try:
             decision = self.policy.decide(agent, action, key, on_behalf_of=on_behalf_of)
@@ -77,6 +79,7 @@ class Authorize:
         if not decision.allowed:
             raise Denied(self.name, f"{action} {key!r}: {decision.reason}")
         if decision.would_deny:
+            passage.would_deny = f"{action} {key!r}: {decision.reason}"
             logger.warning(
                 "would deny %s %r from %s (%s): %s",
                 action,

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
 
+logger = logging.getLogger(__name__)
+
 
 class Denied(Exception):
-    """A stage refused the message; ``reason`` goes to the sender and the dead letter."""
+    """A stage refused the message; ``reason`` goes to the sender and the audit trail, so it
+    names the problem and never a value of the payload."""
 
     def __init__(self, stage: str, reason: str) -> None:
         super().__init__(f"{stage}: {reason}")
         self.stage = stage
         self.reason = reason
+
+    def notice(self) -> dict[str, Any]:
+        """What the sender's error notice says besides the message id."""
+        return {"error": self.reason, "type": "Denied", "stage": self.stage}
+
+
+class Unavailable(Exception):
+    """A stage cannot decide now (Redis is unreachable): the gateway keeps the message and
+    takes no more until Redis answers, rather than pass one unchecked or unaudited."""
 
 
 @dataclass
@@ -27,6 +40,18 @@ class Passage:
     headers: dict[str, Any] = field(default_factory=dict)
     user: str | None = None
     """The sender's broker user, set by the authenticate stage."""
+    principal: str | None = None
+    """The principal the policy decided for (with a policy), set by the authorize stage."""
+    delegated_by: str | None = None
+    """The delegating principal (the bridge) that acted on behalf of ``principal``."""
+    would_deny: str | None = None
+    """Why an ``audit``-mode rule would have denied the message, which passed."""
+    body: bytes | None = None
+    """The body to relay when a stage changed it (redaction); ``None``: the sender's."""
+    redacted: list[str] = field(default_factory=list)
+    """The JSON paths a stage redacted."""
+    findings: list[tuple[str, str]] = field(default_factory=list)
+    """What data-loss prevention found: (kind, JSON path), never the value."""
 
 
 class Stage(Protocol):
@@ -38,11 +63,25 @@ class Stage(Protocol):
 
 
 class Pipeline:
-    """Runs the stages in order; the first ``Denied`` stops the passage."""
+    """Runs the stages in order; the first ``Denied`` stops the passage.
+
+    A stage that fails unexpectedly denies that one message with an internal-error reason
+    (its exception is logged, not told to the sender): the gateway keeps going.
+    """
 
     def __init__(self, stages: Sequence[Stage]) -> None:
         self.stages = list(stages)
 
     async def run(self, passage: Passage) -> None:
         for stage in self.stages:
-            await stage(passage)
+            try:
+                await stage(passage)
+            except (Denied, Unavailable):
+                raise
+            except Exception as exc:
+                logger.exception(
+                    "stage %s failed on %s", stage.name, passage.incoming.message_id
+                )
+                raise Denied(
+                    stage.name, f"internal error in the gateway ({type(exc).__name__})"
+                ) from exc

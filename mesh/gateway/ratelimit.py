@@ -1,24 +1,25 @@
 """Rate-limit stage: a principal's events pass only while the policy's limits have room.
 
-Runs after ``authorize`` (which tied the sender to its principal and accepted any
-``x-mesh-on-behalf-of``).  The limits count the events of the principal the message is
-from: the token principal it is sent on behalf of, if any, else the sender's own.  The
+Runs after ``authorize``, which tied the sender to its principal and accepted any
+``x-mesh-on-behalf-of`` (``Passage.principal``).  The limits count the events of the
+principal the message is from: the token principal it is sent on behalf of, if any, else
+the sender's own.  The
 mesh's own traffic (``_…`` keys: requests, replies, control, registry events) is not
 limited: a limited reply would only leave its caller waiting out its timeout.
 
 A message over a limit is refused with ``RateLimited``, a ``Denied`` naming the limit and
-when to retry.  Redis being unreachable raises ``RateLimitUnavailable`` (the limiter's):
+when to retry.  Redis being unreachable is ``Unavailable``: the gateway waits for it, and
 nothing passes unlimited.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from mesh.envelope import H_ON_BEHALF_OF
-from mesh.gateway.pipeline import Denied, Passage
+from mesh.gateway.pipeline import Denied, Passage, Unavailable
 from mesh.policy import Policy
-from mesh.ratelimit import RateLimiter
+from mesh.ratelimit import RateLimiter, RateLimitUnavailable
 
 
 class RateLimited(Denied):
@@ -33,6 +34,9 @@ class RateLimited(Denied):
         self.limit = limit
         self.retry_after_s = retry_after_s
 
+    def notice(self) -> dict[str, Any]:
+        return {**super().notice(), "limit": self.limit, "retry_after": self.retry_after_s}
+
 
 class RateLimit:
     name = "rate-limit"
@@ -45,20 +49,14 @@ class RateLimit:
         topic = passage.routing_key
         if topic.startswith("_"):
             return
-        agent = passage.incoming.app_id or ""
-        principal = self.policy.principal_for_agent(agent)
+        # authorize decided for this principal: the on-behalf-of one, if any
+        principal = self.policy.principal(passage.principal or "")
         if principal is None:
-            raise Denied(self.name, f"agent {agent!r} is no principal of the policy")
-        on_behalf_of = passage.headers.get(H_ON_BEHALF_OF)
-        if on_behalf_of is not None:
-            subject = self.policy.principal(str(on_behalf_of)) if principal.delegates else None
-            if subject is None:
-                raise Denied(
-                    self.name,
-                    f"{principal.name!r} cannot act on behalf of {on_behalf_of!r}",
-                )
-            principal = subject
-        verdict = await self.limiter.take(principal.name, principal.roles, topic)
+            raise Denied(self.name, f"no principal of the policy sent {topic!r}")
+        try:
+            verdict = await self.limiter.take(principal.name, principal.roles, topic)
+        except RateLimitUnavailable as exc:
+            raise Unavailable(f"rate limits: {exc}") from exc
         if not verdict.allowed:
             assert verdict.limit_name is not None  # a refusal names its limit
             spec = self.limiter.limits[verdict.limit_name]

@@ -15,15 +15,19 @@ from mesh.behaviour import Behaviour, Host
 from mesh.bindings import Binding
 from mesh.envelope import (
     CONTENT_TYPE,
+    H_AUDIT,
     H_INSTANCE,
     H_REASON,
+    H_REDACTED,
     H_USER,
     RESERVED_HEADERS,
     MessageType,
     encode_body,
     forwarded,
 )
-from mesh.gateway.pipeline import Denied, Passage, Pipeline
+from mesh.gateway.audit import AuditTrail
+from mesh.gateway.gate import RedisGate
+from mesh.gateway.pipeline import Denied, Passage, Pipeline, Unavailable
 from mesh.topology import TopicError
 from mesh.transport import (
     Abandoned,
@@ -83,6 +87,8 @@ class Relay(Behaviour):
     """What the relay's queue does with a message the relay rejects."""
 
     pipeline: Pipeline
+    trail: AuditTrail
+    gate: RedisGate
 
     def __init__(self, agent: Host) -> None:
         super().__init__(agent)
@@ -136,17 +142,44 @@ class Relay(Behaviour):
             await self._dead_letter(incoming, exc)
 
     async def relay(self, incoming: AbstractIncomingMessage, window: _Window) -> None:
-        passage = Passage(incoming=incoming, routing_key=incoming.routing_key or "")
+        while True:
+            await self.gate.wait()
+            if is_stale(incoming):  # its channel closed while it waited: it comes again
+                window.returned += 1
+                return
+            passage = Passage(incoming=incoming, routing_key=incoming.routing_key or "")
+            try:
+                await self._decide(passage, window)
+            except Unavailable as exc:
+                self.gate.close(exc)
+                continue
+            return
+
+    async def _decide(self, passage: Passage, window: _Window) -> None:
+        """Run the pipeline and act on its decision, once the audit trail holds it."""
         try:
             await self.pipeline.run(passage)
         except Denied as denied:
-            await self._deny(passage, denied)
+            audit_id = await self.trail.record(passage, denied)
+            await self._deny(passage, denied, audit_id)
             return
+        audit_id = await self.trail.record(passage)
         self.agent.metrics.decided("pipeline", "passed")
+        await self._pass(passage, window, audit_id)
+
+    async def _pass(self, passage: Passage, window: _Window, audit_id: str | None) -> None:
+        incoming = passage.incoming
+        headers = passage.headers
+        if passage.redacted:
+            headers[H_REDACTED] = ",".join(passage.redacted)
+        if audit_id is not None:
+            headers[H_AUDIT] = audit_id
         # The copy carries the sender's id in x-mesh-id (whatever the sender put there
         # is replaced) and an AMQP message_id of its own, so a sender reusing an id
         # cannot make one copy's return pass for another's (see ``forwarded``).
-        copy = forwarded(incoming, passage.headers, sender_id=incoming.message_id or "")
+        copy = forwarded(
+            incoming, headers, sender_id=incoming.message_id or "", body=passage.body
+        )
         try:
             await self.agent.transport.publish(
                 topology.delivery_exchange(passage.routing_key),
@@ -243,9 +276,12 @@ class Relay(Behaviour):
             error = f"no queue is bound for {passage.routing_key!r}"
         await self._notify(passage, {"error": error, "type": "Unroutable"})
 
-    async def _deny(self, passage: Passage, denied: Denied) -> None:
-        self.agent.metrics.decided(denied.stage, "denied")
+    async def _deny(self, passage: Passage, denied: Denied, audit_id: str | None) -> None:
+        """Tell the sender why, and drop the message: a denial is recorded (the audit trail),
+        not dead-lettered, so that a flood of them cannot push real dead letters out of
+        ``mesh.dead``, which is for what a receiver could not handle."""
         incoming = passage.incoming
+        self.agent.metrics.decided(denied.stage, "denied")
         logger.warning(
             "denied %s from %s/%s on %s: %s",
             incoming.message_id,
@@ -254,22 +290,10 @@ class Relay(Behaviour):
             passage.routing_key,
             denied,
         )
-        await self._notify(
-            passage,
-            {
-                "error": denied.reason,
-                "type": "Denied",
-                "stage": denied.stage,
-                "message_id": incoming.message_id,
-            },
-        )
-        await self.agent.dead_letters.send(
-            incoming,
-            f"denied by gateway {denied.stage}: {denied.reason}",
-            self.queue_name,
-            headers=_sender_headers(incoming),
-            sender_id=incoming.message_id or "",
-        )
+        notice = {**denied.notice(), "message_id": incoming.message_id}
+        if audit_id is not None:
+            notice["audit"] = audit_id
+        await self._notify(passage, notice)
         await ack(incoming)
 
     async def _notify(self, passage: Passage, body: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 
 from mesh import topology
 from mesh.envelope import H_INSTANCE
-from mesh.gateway.pipeline import Denied, Passage
+from mesh.gateway.pipeline import Denied, Passage, Unavailable
 from mesh.membership import REDIS_DOWN
 from mesh.topology import TopicError
 
@@ -129,7 +129,8 @@ class BindReplies:
     nothing ties it to an agent id yet).  **When per-agent users land**, the authorize stage
     binds ``app_id`` to the user and this comparison becomes a verified one, unchanged.
 
-    Redis unreachable: both sides fail closed (``Denied``, "reply binding unavailable").
+    Redis unreachable: both sides fail closed (``Unavailable``: the gateway waits for Redis,
+    holding the message, and passes nothing unbound).
     A request is refused at once, so its caller hears at once (a ``RemoteError``) and the
     handler never runs; relaying it without a binding would not help, as its reply would
     then find none and be denied after the handler ran (its effects done, its caller timing
@@ -177,7 +178,7 @@ class BindReplies:
         try:
             await self._pipe.call("SET", self.key(route, correlation_id), value, "PX", ttl)
         except REDIS_DOWN as exc:
-            raise Denied(self.name, _unavailable(exc)) from None
+            raise Unavailable(_unavailable(exc)) from exc
 
     async def _take(self, passage: Passage, *, route: str) -> None:
         incoming = passage.incoming
@@ -199,7 +200,7 @@ class BindReplies:
                 topology.INTERNAL_TTL_MS,
             )
         except REDIS_DOWN as exc:
-            raise Denied(self.name, _unavailable(exc)) from None
+            raise Unavailable(_unavailable(exc)) from exc
         status = int(outcome[0])
         if status == 1:
             return

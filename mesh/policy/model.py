@@ -7,6 +7,7 @@ compiled (``mesh.policy.policy``).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
 )
 
 from mesh.policy.globs import check_glob
+from mesh.policy.limits import parse_rate
 from mesh.policy.topics import check_rule_pattern
 from mesh.topology import TopicError, check_binding, check_name, check_pattern
 
@@ -341,6 +343,75 @@ class SchemasSpec(Spec):
     mesh's own keys (``_req.``, ``_ctl.``, ``_registry.``) only when it starts with one."""
 
 
+def _topic_pattern(pattern: str) -> str:
+    try:
+        return check_pattern(pattern)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _rate(value: object) -> object:
+    # YAML reads ``rate: 100`` as a number: say what is missing rather than "not text".
+    if isinstance(value, str):
+        parse_rate(value)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        raise ValueError(f"rate {value!r} needs a unit: {value}/s, {value}/min, ...")
+    return value
+
+
+TopicPatterns = Annotated[
+    list[Annotated[str, AfterValidator(_topic_pattern)]], BeforeValidator(_listed)
+]
+
+
+class LimitSpec(Spec):
+    """One rate limit (``rate_limits`` in the file; ``mesh.policy.limits`` reads rates):
+    ``rate`` with ``burst`` for the events ``who`` publishes on ``topics``.
+
+    Each principal ``who`` names has a bucket of its own, unless ``shared`` (then all of
+    them, a role's members say, share one).  A message is counted against every limit that
+    names its sender (or a role of it) and matches its topic, and passes only if all of
+    them have room.
+    """
+
+    who: Names
+    """Principal and role names, or ``*`` for every principal."""
+    topics: TopicPatterns = ["#"]
+    rate: Annotated[str, BeforeValidator(_rate)]
+    burst: int | None = None
+    shared: bool = False
+
+    @field_validator("burst")
+    @classmethod
+    def _burst(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"burst {value} must be at least 1 (the most sent at once)")
+        return value
+
+    @model_validator(mode="after")
+    def _someone(self) -> LimitSpec:
+        if not self.who:
+            raise ValueError("who: names nobody (principal and role names, or '*' for everyone)")
+        if not self.topics:
+            raise ValueError("topics: names no pattern (leave it out for every topic)")
+        return self
+
+    @property
+    def per_second(self) -> float:
+        return parse_rate(self.rate)
+
+    @property
+    def capacity(self) -> int:
+        """``burst``, or by default one second's worth of the rate (at least 1)."""
+        return self.burst if self.burst is not None else max(1, math.floor(self.per_second))
+
+    def describe(self) -> str:
+        """The limit in words, for a refused sender: ``100/s for vehicles on vehicle.#``."""
+        who = ", ".join("everyone" if w == EVERYONE else w for w in self.who)
+        whom = f"shared by {who}" if self.shared else f"for {who}"
+        return f"{self.rate.strip()} {whom} on {', '.join(self.topics)}"
+
+
 class PolicyFile(Spec):
     """The whole file."""
 
@@ -349,3 +420,5 @@ class PolicyFile(Spec):
     """Role name → the principals that hold it."""
     rule_sets: dict[PolicyName, RuleSetSpec] = {}
     schemas: SchemasSpec = SchemasSpec()
+    rate_limits: dict[PolicyName, LimitSpec] = {}
+    """Limit name → the limit; the name is told to a sender it refuses."""

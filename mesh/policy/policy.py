@@ -11,7 +11,16 @@ from pathlib import Path
 from mesh.policy import globs
 from mesh.policy.decision import CompiledRule, Decision, RuleRef, parse_target
 from mesh.policy.errors import Location, PolicyError, Problem
-from mesh.policy.model import ACTIONS, EVERYONE, Action, Kind, Mode, PolicyFile, RuleSpec
+from mesh.policy.model import (
+    ACTIONS,
+    EVERYONE,
+    Action,
+    Kind,
+    LimitSpec,
+    Mode,
+    PolicyFile,
+    RuleSpec,
+)
 from mesh.policy.schemas import compile_schemas
 from mesh.policy.topics import expand
 
@@ -72,6 +81,7 @@ class Policy:
         base = source.parent if source is not None else Path()
         self.schemas, problems = compile_schemas(spec.schemas, base, self._lines)
         self._problems += problems
+        self.rate_limits: dict[str, LimitSpec] = self._check_limits()
         if self._problems:
             raise PolicyError(self._problems)
         self.modes: dict[str, Mode] = {name: s.mode for name, s in spec.rule_sets.items()}
@@ -276,6 +286,15 @@ class Policy:
                             "(an agent id listed as such wins over any glob)",
                         )
                 self._globs.append((agent, principal))
+
+    def _check_limits(self) -> dict[str, LimitSpec]:
+        known = set(self.spec.principals) | set(self.spec.roles) | {EVERYONE}
+        for name, limit in self.spec.rate_limits.items():
+            for i, who in enumerate(limit.who):
+                if who not in known:
+                    path: Location = ("rate_limits", name, "who", i)
+                    self._problem(path, self._unknown("principal or role", who))
+        return dict(self.spec.rate_limits)
 
     def _compile_rules(self) -> list[CompiledRule]:
         known = set(self.spec.principals) | set(self.spec.roles) | {EVERYONE}

@@ -4,8 +4,9 @@ Redis so that every gateway replica counts against the same buckets.
 ``LimitSpec`` is a limit as the policy file states it; ``RateLimiter.take`` decides.
 """
 
+from mesh.policy.limits import UNITS, parse_rate
+from mesh.policy.model import LimitSpec
 from mesh.ratelimit.limiter import RateLimiter, RateLimitUnavailable, Verdict
-from mesh.ratelimit.spec import UNITS, LimitSpec, parse_rate
 
 __all__ = [
     "UNITS",

@@ -42,8 +42,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from mesh.membership import REDIS_DOWN
-from mesh.policy.model import EVERYONE
-from mesh.ratelimit.spec import LimitSpec
+from mesh.policy.model import EVERYONE, LimitSpec
 from mesh.topology import matches
 
 MAX_BATCH = 1024
