@@ -54,6 +54,8 @@ def test_accepted_forms() -> None:
         ({"pattern": r"(a)\1", "action": "block"}, "refers back to a group"),
         ({"pattern": "(a)?(?(1)b|c)", "action": "block"}, "refers back to a group"),
         ({"pattern": "x*", "action": "block"}, "pattern 'x*' matches empty text"),
+        ({"pattern": r"\b", "action": "block"}, "matches empty text"),
+        ({"pattern": "(?=1)", "action": "block"}, "matches empty text"),
         ({"pattern": "x", "name": "Bad Name", "action": "block"}, "name 'Bad Name' must be"),
         ({"pattern": "x", "name": "email", "action": "block"}, "name 'email' is a built-in"),
         ({"detect": "card", "name": "cards", "action": "block"}, "name: is for pattern rules"),

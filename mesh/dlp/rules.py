@@ -38,6 +38,8 @@ _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 _GLOBAL_FLAGS = re.compile(r"\(\?([aiLmsu]+)\)")
 # A backreference or a conditional on a group: group numbers shift when rules are combined.
 _GROUP_REFERENCE = re.compile(r"\\[1-9]|\(\?P=|\(\?\(")
+_PROBE = "a A 1 -_.\n"
+"""Text to try a pattern on: one that matches nothing here, only in between, is refused."""
 
 
 def _listed(value: object) -> object:
@@ -85,7 +87,7 @@ def check_regex(pattern: str) -> str:
             f"pattern {pattern!r} refers back to a group (\\1, (?P=...), (?(1)...)), "
             "which rules cannot do"
         )
-    if compiled.fullmatch(""):
+    if compiled.fullmatch("") or any(m.end() == m.start() for m in compiled.finditer(_PROBE)):
         raise ValueError(f"pattern {pattern!r} matches empty text, so it would match anywhere")
     return pattern
 

@@ -3,8 +3,8 @@
 ``Scanner(rules).scan(payload, topic=...)`` walks the parsed payload once, breadth first,
 with no recursion (so no payload is too deep for it).  A string costs one search of the
 combined pattern (``Plan.search``) unless it is short; only a string with a candidate in it,
-with characters outside ASCII (to fold), or under a key word such as ``password`` gets a
-closer look.  Dict keys are scanned too, and what a key name says is cached across
+with something to fold (``fold.needs_folding``), or under a key word such as ``password``
+gets a closer look.  Dict keys are scanned too, and what a key name says is cached across
 payloads.  Integers of nine digits or more are read as their digits (a card or SSN sent as
 a number); redacting one puts the masked text in its place.
 
@@ -29,9 +29,8 @@ from mesh.dlp.rules import DEFAULT_MAX_BYTES, Action, DlpRuleSpec, DlpSpec
 from mesh.topology import matches
 
 _SHORTEST = 6
-"""No built-in finding is shorter (``a@b.cd``): shorter strings skip the search (and, but
-under a key word, everything else; pattern rules still see them).  So do longer ones without
-a candidate and, outside ASCII, without anything to fold."""
+"""No built-in finding is shorter (``a@b.cd``): a shorter string is looked at only under a
+key word, and by pattern rules."""
 _BIG = 10**8
 """Integers this large (nine digits) or larger may be an SSN or a card number."""
 _TOP: KeyInfo = (None, False, None)
