@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
 
 from mesh.provision import CredentialStore, credentials_dir
+from mesh.provision.credentials import write_private
 
 DEMO_POLICY = Path("examples/policy.yaml")
 
@@ -58,6 +60,7 @@ async def run_demo(seconds: float = 0.0, policy: Path = DEMO_POLICY) -> int:
         sys.stdout.write("demo: provisioning failed (see above)\n")
         return 1
     store = CredentialStore(credentials_dir(policy))
+    audit_key = _audit_key(store.directory)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -67,6 +70,8 @@ async def run_demo(seconds: float = 0.0, policy: Path = DEMO_POLICY) -> int:
     try:
         for name, principal, args in DEMO_PROCESSES:
             env = {**os.environ, **(store.variables(principal) or {}), "MESH_POLICY": str(policy)}
+            if principal == "gateway":
+                env["MESH_AUDIT_KEY_FILE"] = str(audit_key)
             process = await _mesh(name, [*args, "--log-level", "warning"], env)
             assert process.stdout is not None
             processes.append(process)
@@ -103,7 +108,20 @@ async def run_demo(seconds: float = 0.0, policy: Path = DEMO_POLICY) -> int:
         for (name, _, _), p in zip(DEMO_PROCESSES, processes, strict=False)
         if p.returncode not in (0, -signal.SIGTERM)
     ]
+    sys.stdout.write(
+        f"demo: the gateway's audit trail verifies with: MESH_AUDIT_KEY_FILE={audit_key} "
+        "mesh audit verify\n"
+    )
     if failed:
         sys.stdout.write(f"demo: {', '.join(failed)} exited with an error\n")
         return 1
     return 0
+
+
+def _audit_key(directory: Path) -> Path:
+    """The demo gateway's audit key, made once beside the credentials (mode 0600) and kept,
+    so the trail of every demo run verifies with it."""
+    path = (directory / "audit.key").resolve()
+    if not path.exists():
+        write_private(path, secrets.token_hex(32) + "\n")
+    return path
