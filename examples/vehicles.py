@@ -46,6 +46,31 @@ class Report(PeriodicBehaviour):
         )
 
 
+class Trip(BaseModel):
+    vehicle: str
+    driver: str
+    contact: str
+    note: str
+
+
+class TripLog(PeriodicBehaviour):
+    """Logs the trip every few seconds, naming the driver and how to reach them: the demo
+    policy has the gateway mask the phone number before anyone else sees it."""
+
+    period = 4.0
+
+    async def tick(self) -> None:
+        await self.publish(
+            f"vehicle.{self.agent.id}.trip",
+            Trip(
+                vehicle=self.agent.id,
+                driver="Sam Doe",
+                contact="+44 20 7946 0958",
+                note="on schedule",
+            ),
+        )
+
+
 class Brake(SubscriberBehaviour):
     """Acknowledges alerts about this vehicle."""
 
@@ -60,7 +85,7 @@ class Brake(SubscriberBehaviour):
 
 class Vehicle(Agent):
     capabilities = ["telemetry"]
-    behaviours = [Report, Brake]
+    behaviours = [Report, TripLog, Brake]
 
     @rpc("status")
     async def status(self, msg: Message, _: object) -> dict[str, object]:
@@ -88,9 +113,18 @@ class Watch(SubscriberBehaviour):
             )
 
 
+class TripWatch(SubscriberBehaviour):
+    """Prints trip logs as they arrive: masked where the gateway redacted them."""
+
+    @on("vehicle.*.trip", model=Trip)
+    async def trip(self, msg: Message, trip: Trip) -> None:
+        masked = f"  (redacted by the gateway: {', '.join(msg.redacted)})" if msg.redacted else ""
+        print(f"monitor: {msg.topic:<20} {trip.driver}, {trip.contact}{masked}", flush=True)
+
+
 class Monitor(Agent):
     capabilities = ["monitoring"]
-    behaviours = [Watch]
+    behaviours = [Watch, TripWatch]
 
 
 class Spoof(OneShotBehaviour):
@@ -103,7 +137,20 @@ class Spoof(OneShotBehaviour):
         )
 
 
-class Intruder(Agent):
-    """A vehicle that tries to speak for another (``mesh demo`` runs one as ``v9``)."""
+class Garble(OneShotBehaviour):
+    """Sends a reading of its own that does not follow the schema it names: the gateway
+    refuses it, saying where and why."""
 
-    behaviours = [Spoof]
+    async def run(self) -> None:
+        await self.publish(
+            f"vehicle.{self.agent.id}.speed",
+            {"vehicle": self.agent.id, "speed_kmh": "fast"},
+            schema="reading@1",
+        )
+
+
+class Intruder(Agent):
+    """A vehicle that tries to speak for another, and sends a reading that breaks its schema
+    (``mesh demo`` runs one as ``v9``)."""
+
+    behaviours = [Spoof, Garble]

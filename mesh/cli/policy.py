@@ -82,6 +82,16 @@ def check(policy_file: str) -> None:
             f"{_count(len(schemas.rules), 'payload entry', 'payload entries')}"
             + (f"; required on {', '.join(schemas.require)}" if schemas.require else "")
         )
+    for name, limit in compiled.rate_limits.items():
+        click.echo(f"rate limit {name}: {limit.describe()}, burst {limit.capacity}")
+    dlp = compiled.spec.dlp
+    if dlp.rules:
+        actions = Counter(rule.action for rule in dlp.rules)
+        click.echo(
+            f"dlp: {_count(len(dlp.rules), 'rule')} ("
+            + ", ".join(f"{action} {n}" for action, n in sorted(actions.items()))
+            + f"); payloads over {dlp.max_payload_bytes:,} bytes refused"
+        )
     notes = compiled.notes()
     if notes:
         click.echo("notes:")

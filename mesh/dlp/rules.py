@@ -25,7 +25,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import AfterValidator, BeforeValidator, field_validator, model_validator
 
 from mesh.dlp.kinds import DETECTORS, Detector
-from mesh.policy.model import Spec
+from mesh.filespec import Spec
 from mesh.topology import TopicError, check_pattern
 
 Action = Literal["block", "redact", "alert"]

@@ -17,6 +17,7 @@ from mesh.gateway.audit import AuditTrail
 from mesh.gateway.authenticate import Authenticate
 from mesh.gateway.authorize import Authorize
 from mesh.gateway.decode import Decode
+from mesh.gateway.dlp import DataLossPrevention
 from mesh.gateway.filer import DeadLetterFiler
 from mesh.gateway.gate import RedisGate
 from mesh.gateway.guard import Guard
@@ -39,16 +40,18 @@ def default_stages(
     authorize: Authorize | None = None,
     rate_limit: RateLimit | None = None,
     schema: SchemaCheck | None = None,
+    dlp: DataLossPrevention | None = None,
     indexer: RegistryIndexer | None = None,
     replies: BindReplies | None = None,
 ) -> list[Stage]:
     """The gateway's stages, in order.  ``authorize`` enforces a policy (without it: open
-    mode); ``rate_limit`` and ``schema`` apply its limits and payload schemas (before the
-    indexer and reply bindings act on a message they refuse); ``indexer`` keeps the
+    mode); ``rate_limit``, ``schema`` and ``dlp`` apply its limits, payload schemas and
+    data-loss prevention (before the indexer and reply bindings act on a message they
+    refuse); ``indexer`` keeps the
     registry's indexes from registry events, and without it discovery finds no agent;
     ``replies`` (a ``BindReplies`` on the mesh's Redis) binds replies to requests, and a
     gateway without it relays any reply."""
-    optional = (authorize, rate_limit, schema, indexer, replies)
+    optional = (authorize, rate_limit, schema, dlp, indexer, replies)
     return [Decode(), Guard(gateway), Authenticate(), *(s for s in optional if s is not None)]
 
 
@@ -98,6 +101,7 @@ class Gateway(Agent):
             if limits
             else None,
             schema=SchemaCheck(schemas) if schemas.declared else None,
+            dlp=None if policy.scanner is None else DataLossPrevention(policy.scanner),
             indexer=indexer,
             replies=replies,
         )

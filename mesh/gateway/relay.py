@@ -171,7 +171,7 @@ class Relay(Behaviour):
         incoming = passage.incoming
         headers = passage.headers
         if passage.redacted:
-            headers[H_REDACTED] = ",".join(passage.redacted)
+            headers[H_REDACTED] = list(passage.redacted)
         if audit_id is not None:
             headers[H_AUDIT] = audit_id
         # The copy carries the sender's id in x-mesh-id (whatever the sender put there

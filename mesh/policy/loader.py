@@ -9,8 +9,9 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from mesh.filespec import UnknownKey
 from mesh.policy.errors import Location, PolicyError, Problem, field
-from mesh.policy.model import PolicyFile, UnknownKey
+from mesh.policy.model import PolicyFile
 from mesh.policy.policy import Policy
 
 _MAX_DEPTH = 32

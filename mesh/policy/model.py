@@ -12,17 +12,17 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     field_validator,
     model_validator,
 )
 
+from mesh.dlp import DlpSpec
+from mesh.filespec import Name, Names, Spec, check_spec_name, listed, one_of
 from mesh.policy.globs import check_glob
 from mesh.policy.limits import parse_rate
 from mesh.policy.topics import check_rule_pattern
-from mesh.topology import TopicError, check_binding, check_name, check_pattern
+from mesh.topology import TopicError, check_binding, check_pattern
 
 Action = Literal["publish", "subscribe", "request", "reply", "control"]
 ACTIONS: tuple[Action, ...] = get_args(Action)
@@ -35,58 +35,11 @@ Effect = Literal["allow", "deny"]
 EVERYONE = "*"
 """In a rule's ``who``: every principal the policy declares."""
 
-
-class UnknownKey(ValueError):
-    """A mapping holds a key its model does not know; ``key`` locates it in the file."""
-
-    def __init__(self, key: str, expected: list[str]) -> None:
-        super().__init__(f"unknown key {key!r} (expected {', '.join(expected)})")
-        self.key = key
-
-
-def _one_of(kind: str, value: object, choices: tuple[str, ...]) -> object:
-    # Before pydantic's own check, whose message would not name the value.
-    if value is not None and value not in choices:
-        raise ValueError(f"unknown {kind} {value!r} (expected {', '.join(choices)})")
-    return value
-
-
-def _name(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"name {value!r} must be text")
-    try:
-        return check_name("name", value)
-    except TopicError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _listed(value: object) -> object:
-    # One item may be written without brackets: ``who: operators``.
-    return [value] if isinstance(value, str) else value
-
-
-Names = Annotated[list[str], BeforeValidator(_listed)]
-PolicyName = Annotated[str, BeforeValidator(_name)]
 # Checked one by one, so that each bad item is reported at its own line.
-Globs = Annotated[list[Annotated[str, AfterValidator(check_glob)]], BeforeValidator(_listed)]
+Globs = Annotated[list[Annotated[str, AfterValidator(check_glob)]], BeforeValidator(listed)]
 Patterns = Annotated[
-    list[Annotated[str, AfterValidator(check_rule_pattern)]], BeforeValidator(_listed)
+    list[Annotated[str, AfterValidator(check_rule_pattern)]], BeforeValidator(listed)
 ]
-
-
-class Spec(BaseModel):
-    """A mapping in the file: unknown keys are errors, naming the keys it takes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                if key not in cls.model_fields:
-                    raise UnknownKey(str(key), list(cls.model_fields))
-        return data
 
 
 class PrincipalSpec(Spec):
@@ -102,7 +55,7 @@ class PrincipalSpec(Spec):
     @field_validator("kind", mode="before")
     @classmethod
     def _kind(cls, value: object) -> object:
-        return _one_of("kind", value, KINDS)
+        return one_of("kind", value, KINDS)
 
     @model_validator(mode="after")
     def _user(self) -> PrincipalSpec:
@@ -172,7 +125,7 @@ class RuleSpec(Spec):
     @field_validator("allow", "deny", mode="before")
     @classmethod
     def _action(cls, value: object) -> object:
-        return _one_of("action", value, ACTIONS)
+        return one_of("action", value, ACTIONS)
 
     @model_validator(mode="after")
     def _target(self) -> RuleSpec:
@@ -216,7 +169,7 @@ class RuleSetSpec(Spec):
     @field_validator("mode", mode="before")
     @classmethod
     def _mode(cls, value: object) -> object:
-        return _one_of("mode", value, MODES)
+        return one_of("mode", value, MODES)
 
 
 class SchemaVersionSpec(Spec):
@@ -267,7 +220,7 @@ class SchemaVersionSpec(Spec):
 def _schema_ref(value: str) -> str:
     # ``name`` (every version) or ``name@version``, as x-mesh-schema names one.
     name, at, version = value.partition("@")
-    _name(name)
+    check_spec_name(name)
     if at and not (version.isdigit() and version[0] != "0"):
         raise ValueError(f"{value!r}: the version after '@' is a number from 1 (reading@2)")
     return value
@@ -299,13 +252,13 @@ def _required_pattern(pattern: str) -> str:
 
 
 SchemaRefs = Annotated[
-    list[Annotated[str, AfterValidator(_schema_ref)]], BeforeValidator(_listed)
+    list[Annotated[str, AfterValidator(_schema_ref)]], BeforeValidator(listed)
 ]
 PayloadPatterns = Annotated[
-    list[Annotated[str, AfterValidator(_payload_pattern)]], BeforeValidator(_listed)
+    list[Annotated[str, AfterValidator(_payload_pattern)]], BeforeValidator(listed)
 ]
 RequiredPatterns = Annotated[
-    list[Annotated[str, AfterValidator(_required_pattern)]], BeforeValidator(_listed)
+    list[Annotated[str, AfterValidator(_required_pattern)]], BeforeValidator(listed)
 ]
 
 
@@ -335,7 +288,7 @@ class SchemasSpec(Spec):
     """Payload schemas: named and versioned ``definitions``, the ``payloads`` that follow
     them, and the topics that ``require`` one."""
 
-    definitions: dict[PolicyName, list[SchemaVersionSpec]] = {}
+    definitions: dict[Name, list[SchemaVersionSpec]] = {}
     """Schema name → its versions."""
     payloads: list[PayloadSpec] = []
     require: RequiredPatterns = []
@@ -360,7 +313,7 @@ def _rate(value: object) -> object:
 
 
 TopicPatterns = Annotated[
-    list[Annotated[str, AfterValidator(_topic_pattern)]], BeforeValidator(_listed)
+    list[Annotated[str, AfterValidator(_topic_pattern)]], BeforeValidator(listed)
 ]
 
 
@@ -415,10 +368,12 @@ class LimitSpec(Spec):
 class PolicyFile(Spec):
     """The whole file."""
 
-    principals: dict[PolicyName, PrincipalSpec]
-    roles: dict[PolicyName, Names] = {}
+    principals: dict[Name, PrincipalSpec]
+    roles: dict[Name, Names] = {}
     """Role name → the principals that hold it."""
-    rule_sets: dict[PolicyName, RuleSetSpec] = {}
+    rule_sets: dict[Name, RuleSetSpec] = {}
     schemas: SchemasSpec = SchemasSpec()
-    rate_limits: dict[PolicyName, LimitSpec] = {}
+    rate_limits: dict[Name, LimitSpec] = {}
     """Limit name → the limit; the name is told to a sender it refuses."""
+    dlp: DlpSpec = DlpSpec()
+    """Data-loss prevention: what payloads must not carry, and what is done when they do."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from mesh.dlp import Scanner
 from mesh.policy import globs
 from mesh.policy.decision import CompiledRule, Decision, RuleRef, parse_target
 from mesh.policy.errors import Location, PolicyError, Problem
@@ -82,6 +83,8 @@ class Policy:
         self.schemas, problems = compile_schemas(spec.schemas, base, self._lines)
         self._problems += problems
         self.rate_limits: dict[str, LimitSpec] = self._check_limits()
+        self.scanner = Scanner.from_spec(spec.dlp) if spec.dlp.rules else None
+        """Data-loss prevention, ``None`` when the policy has no DLP rules."""
         if self._problems:
             raise PolicyError(self._problems)
         self.modes: dict[str, Mode] = {name: s.mode for name, s in spec.rule_sets.items()}

@@ -1,0 +1,59 @@
+"""The base of the mappings in the files the mesh reads (the policy, its sections such as
+``mesh.dlp``'s rules): unknown keys refused by name, lists that may be written as one item,
+names checked as the mesh checks them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
+
+from mesh.topology import TopicError, check_name
+
+
+class UnknownKey(ValueError):
+    """A mapping holds a key its model does not know; ``key`` locates it in the file."""
+
+    def __init__(self, key: str, expected: list[str]) -> None:
+        super().__init__(f"unknown key {key!r} (expected {', '.join(expected)})")
+        self.key = key
+
+
+def one_of(kind: str, value: object, choices: tuple[str, ...]) -> object:
+    # Before pydantic's own check, whose message would not name the value.
+    if value is not None and value not in choices:
+        raise ValueError(f"unknown {kind} {value!r} (expected {', '.join(choices)})")
+    return value
+
+
+def check_spec_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"name {value!r} must be text")
+    try:
+        return check_name("name", value)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def listed(value: object) -> object:
+    # One item may be written without brackets: ``who: operators``.
+    return [value] if isinstance(value, str) else value
+
+
+Names = Annotated[list[str], BeforeValidator(listed)]
+Name = Annotated[str, BeforeValidator(check_spec_name)]
+
+
+class Spec(BaseModel):
+    """A mapping in the file: unknown keys are errors, naming the keys it takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key not in cls.model_fields:
+                    raise UnknownKey(str(key), list(cls.model_fields))
+        return data
