@@ -86,10 +86,10 @@ def check(policy_file: str) -> None:
         click.echo(f"rate limit {name}: {limit.describe()}, burst {limit.capacity}")
     dlp = compiled.spec.dlp
     if dlp.rules:
-        by_action = Counter(rule.action for rule in dlp.rules)
+        dlp_actions: Counter[str] = Counter(rule.action for rule in dlp.rules)
         click.echo(
             f"dlp: {_count(len(dlp.rules), 'rule')} ("
-            + ", ".join(f"{action} {n}" for action, n in sorted(by_action.items()))
+            + ", ".join(f"{what} {n}" for what, n in sorted(dlp_actions.items()))
             + f"); payloads over {dlp.max_payload_bytes:,} bytes refused"
         )
     notes = compiled.notes()
