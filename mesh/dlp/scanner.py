@@ -178,7 +178,10 @@ class _Walk:
                     kind = type(item)
                     if kind is str:
                         if (
-                            (len(item) >= shortest and (search(item) or needs_folding(item)))
+                            (
+                                len(item) >= shortest
+                                and (search(item) or (not item.isascii() and needs_folding(item)))
+                            )
                             or info[0] is not None
                             or (custom is not None and custom(item))
                         ):
@@ -191,9 +194,10 @@ class _Walk:
                 for index, item in enumerate(container):
                     kind = type(item)
                     if kind is str:
-                        if (len(item) >= shortest and (search(item) or needs_folding(item))) or (
-                            custom is not None and custom(item)
-                        ):
+                        if (
+                            len(item) >= shortest
+                            and (search(item) or (not item.isascii() and needs_folding(item)))
+                        ) or (custom is not None and custom(item)):
                             text(item, container, place, index, (None, False, index))
                     elif kind is dict or kind is list:
                         queue.append((item, (place, container, index, index)))
