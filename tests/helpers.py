@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -19,7 +20,10 @@ import redis.asyncio as aioredis
 
 from mesh import Agent, Settings
 from mesh.audit import AuditReader, AuditRecord
+from mesh.management import ManagementAPI, vhost_of
 from mesh.membership import REDIS_DOWN
+from mesh.policy import broker_user
+from mesh.provision.credentials import url_as
 
 T = TypeVar("T")
 
@@ -174,3 +178,29 @@ async def decision_of(settings: Settings, message_id: str, timeout: float = 15.0
         raise AssertionError(f"no audit record of {message_id} within {timeout}s") from None
     finally:
         await client.aclose()
+
+
+@asynccontextmanager
+async def principals(
+    settings: Settings, policy: Path
+) -> AsyncIterator[Callable[[str], Awaitable[Settings]]]:
+    """Gives settings that enforce ``policy`` and connect as a principal's broker user, made
+    here with full rights on the test's vhost (the broker's own checks are tested in
+    test_permissions.py); the users are deleted afterwards."""
+    api = ManagementAPI.for_settings(settings)
+    made: list[str] = []
+
+    async def settings_for(principal: str) -> Settings:
+        user = broker_user(settings.namespace, principal)
+        password = secrets.token_urlsafe(16)
+        await api.put_user(user, password)
+        made.append(user)
+        await api.set_permissions(vhost_of(settings), user, ".*", ".*", ".*")
+        url = url_as(settings.amqp_url, user, password)
+        return settings.model_copy(update={"amqp_url": url, "policy": str(policy)})
+
+    try:
+        yield settings_for
+    finally:
+        for user in made:
+            await api.delete_user(user)
