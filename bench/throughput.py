@@ -91,7 +91,7 @@ from mesh import (
 from mesh.config import DEFAULT_AMQP_URL, Settings
 from mesh.management import ManagementAPI, ManagementError
 from mesh.policy import Action, Policy, PolicyError, broker_user, load_policy
-from mesh.provision.credentials import amqp_url_as
+from mesh.provision.credentials import url_as
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "bench.v7.reading"
@@ -507,7 +507,7 @@ class BrokerUsers:
                 self.made.append(user)  # from here on, delete() tries
                 await self._api.put_user(user, password)
                 await self._api.set_permissions(self.vhost, user, ".*", ".*", ".*")
-                self.urls[agent] = amqp_url_as(url, user, password)
+                self.urls[agent] = url_as(url, user, password)
         except ManagementError as exc:
             raise BenchError(
                 f"cannot create the authorized path's broker users: {exc} "
