@@ -464,13 +464,15 @@ class Prefilter:
     pattern: re.Pattern[str]
     branches: tuple[Branch | None, ...]
 
-    def spans(self, text: str, context: Context) -> list[Span]:
-        """Everything the kinds of ``context`` find in ``text``, in order."""
+    def spans(self, text: str, context: Context, first: re.Match[str] | None = None) -> list[Span]:
+        """Everything the kinds of ``context`` find in ``text``, in order; ``first``: the
+        pattern's first match in ``text``, if already searched for."""
         found: list[Span] = []
         search = self.pattern.search
         branches = self.branches
         position = 0
-        while (match := search(text, position)) is not None:
+        match = first or search(text)
+        while match is not None:
             branch = branches[match.lastindex or 0]
             assert branch is not None
             spans = branch.handler(text, match, context)
@@ -479,6 +481,7 @@ class Prefilter:
                 position = max(match.end(), *(end for _, _, end in spans))
             else:
                 position = match.end() if branch.whole else match.start() + 1
+            match = search(text, position)
         return found
 
 

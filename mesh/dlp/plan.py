@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from mesh.dlp.detectors import SECRET_KINDS, Context, prefilter
@@ -26,17 +25,10 @@ KeyInfo = tuple[str | None, bool, Any]
 finding itself)."""
 
 
-@dataclass(slots=True)  # not frozen: made for every finding, and frozen ones cost 3x that
-class Hit:
-    """A finding in one text: its kind, its span in the original text, the span's folded
-    text (what a mask keeps characters of), and the action and rule that apply."""
-
-    kind: str
-    start: int
-    end: int
-    shown: str
-    action: Action
-    rule: int
+Hit = tuple[str, int, int, str, Action, int]
+"""A finding in one text: (kind, start and end in the original text, the span's folded text
+(what a mask keeps characters of), the action, the rule).  A tuple: one is made for every
+finding, and a tuple costs a fraction of an object."""
 
 
 def _nothing(text: str) -> None:
@@ -66,10 +58,10 @@ class Plan:
         self._prefilter = prefilter(self.kinds)
         self._custom = re.compile("|".join(groups)) if groups else None
         self._contexts = (Context(self.kinds), Context(self.kinds, ssn_key=True))
-        self.search: Callable[[str], object] = (
+        self.search: Callable[[str], re.Match[str] | None] = (
             _nothing if self._prefilter is None else self._prefilter.pattern.search
         )
-        """Whether a text may hold a built-in finding (a match, or ``None``): one pass."""
+        """Where a text may hold a built-in finding (a match, or ``None``): one pass."""
         self.custom_search: Callable[[str], object] | None = (
             None if self._custom is None else self._custom.search
         )
@@ -77,13 +69,18 @@ class Plan:
         self.ssn_names = SSN in self.kinds
         self.keys: dict[Any, KeyInfo] = {}
 
-    def find(self, text: str, ssn_key: bool = False) -> tuple[list[Hit], str]:
-        """Every finding in ``text``, and the text as the detectors read it (folded)."""
+    def find(
+        self, text: str, ssn_key: bool = False, first: re.Match[str] | None = None
+    ) -> tuple[list[Hit], str]:
+        """Every finding in ``text``, and the text as the detectors read it (folded).
+        ``first``: what ``search`` already found in ``text``, if it did."""
         folded = fold(text)
         scanned = text if folded is None else folded.text
         found: list[tuple[str, int, int, Action, int]] = []
         if self._prefilter is not None:
-            for kind, start, end in self._prefilter.spans(scanned, self._contexts[ssn_key]):
+            context = self._contexts[ssn_key]
+            first = first if folded is None else None  # a match in the text, not the folded
+            for kind, start, end in self._prefilter.spans(scanned, context, first):
                 action, rule = self.decisions[kind]
                 found.append((kind, start, end, action, rule))
         if self._custom is not None:
@@ -92,7 +89,7 @@ class Plan:
                     kind, action, rule = self._pattern_rules[match.lastgroup or ""]
                     found.append((kind, match.start(), match.end(), action, rule))
         if folded is None:
-            return [Hit(k, s, e, scanned[s:e], a, r) for k, s, e, a, r in found], scanned
-        return [
-            Hit(k, *folded.original(s, e), scanned[s:e], a, r) for k, s, e, a, r in found
-        ], scanned
+            return [(k, s, e, scanned[s:e], a, r) for k, s, e, a, r in found], scanned
+        return [(k, *folded.original(s, e), scanned[s:e], a, r) for k, s, e, a, r in found], (
+            scanned
+        )

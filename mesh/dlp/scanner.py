@@ -14,6 +14,7 @@ here logs, and no exception or repr carries a value from the payload.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +167,7 @@ class _Walk:
         search = plan.search
         custom = plan.custom_search
         text = self._text
-        needs_folding = fold.needs_folding
+        folds = fold.needs_folding
         shortest, big = _SHORTEST, _BIG
         queue: list[tuple[Any, Place | None]] = [(top, None)]
         for container, place in queue:
@@ -177,15 +178,14 @@ class _Walk:
                         info = self._key(container, place, key)
                     kind = type(item)
                     if kind is str:
+                        first = search(item) if len(item) >= shortest else None
                         if (
-                            (
-                                len(item) >= shortest
-                                and (search(item) or (not item.isascii() and needs_folding(item)))
-                            )
+                            first is not None
                             or info[0] is not None
+                            or (len(item) >= shortest and not item.isascii() and folds(item))
                             or (custom is not None and custom(item))
                         ):
-                            text(item, container, place, key, info)
+                            text(item, container, place, key, info, first=first)
                     elif kind is dict or kind is list:
                         queue.append((item, (place, container, key, info[2])))
                     elif kind is int and (item >= big or item <= -big):
@@ -194,11 +194,13 @@ class _Walk:
                 for index, item in enumerate(container):
                     kind = type(item)
                     if kind is str:
+                        first = search(item) if len(item) >= shortest else None
                         if (
-                            len(item) >= shortest
-                            and (search(item) or (not item.isascii() and needs_folding(item)))
-                        ) or (custom is not None and custom(item)):
-                            text(item, container, place, index, (None, False, index))
+                            first is not None
+                            or (len(item) >= shortest and not item.isascii() and folds(item))
+                            or (custom is not None and custom(item))
+                        ):
+                            text(item, container, place, index, (None, False, index), first=first)
                     elif kind is dict or kind is list:
                         queue.append((item, (place, container, index, index)))
                     elif kind is int and (item >= big or item <= -big):
@@ -217,7 +219,7 @@ class _Walk:
             plan.keys[key] = (secret, ssn, key)
             return (secret, ssn, key)
         # Paths show the key with every finding masked, and unique among its neighbours.
-        base = shown = masked(key, [(h.kind, h.start, h.end, h.shown) for h in hits])
+        base = shown = masked(key, [hit[:4] for hit in hits])
         taken = self._shown_keys.setdefault(id(container), set())
         number = 2
         while shown in container or shown in taken:
@@ -226,27 +228,34 @@ class _Walk:
         taken.add(shown)
         where = path(place, shown)
         self._record(hits, where)
-        if any(h.action == "redact" for h in hits):
+        if any(hit[4] == "redact" for hit in hits):
             self._copy().rename(container, place, key, shown)
             self.changed.append(where)
         return (secret, ssn, shown)
 
     def _text(
-        self, text: str, container: Any, place: Place | None, key: Any, info: KeyInfo
+        self,
+        text: str,
+        container: Any,
+        place: Place | None,
+        key: Any,
+        info: KeyInfo,
+        *,
+        first: re.Match[str] | None = None,
     ) -> None:
         secret, ssn_key, shown = info
         plan = self.plan
-        hits, scanned = plan.find(text, ssn_key)
+        hits, scanned = plan.find(text, ssn_key, first)
         if not hits and secret is not None:
             kind = judge_secret(secret, scanned, plan.kinds)
             if kind is not None:
                 action, rule = plan.decisions[kind]
-                hits = [Hit(kind, 0, len(text), scanned, action, rule)]
+                hits = [(kind, 0, len(text), scanned, action, rule)]
         if not hits:
             return
         where = ROOT if container is None else path(place, shown)
         self._record(hits, where)
-        pieces = [(h.kind, h.start, h.end, h.shown) for h in hits if h.action == "redact"]
+        pieces = [hit[:4] for hit in hits if hit[4] == "redact"]
         if pieces:
             self._copy().set(container, place, key, masked(text, pieces))
             self.changed.append(where)
@@ -276,8 +285,8 @@ class _Walk:
         self._text(digits, container, place, key, info)
 
     def _record(self, hits: list[Hit], where: str) -> None:
-        for hit in hits:
-            if (hit.kind, where) not in self._seen:
-                self._seen.add((hit.kind, where))
-                self.findings.append(Finding(hit.kind, where, hit.action, hit.rule))
-            self.blocked = self.blocked or hit.action == "block"
+        for kind, _, _, _, action, rule in hits:
+            if (kind, where) not in self._seen:
+                self._seen.add((kind, where))
+                self.findings.append(Finding(kind, where, action, rule))
+            self.blocked = self.blocked or action == "block"
