@@ -12,7 +12,7 @@ anchor         candidate                                                        
 =============  ===============================================================  ==========
 digit          a run of 9+ digits, each pair at most 3 separators apart         card, SSN,
                                                                                 phone, IBAN
-``+``          the same after a plus sign                                       E.164
+``+``          8+ digits after a plus sign, separated likewise                  E.164
 digit          an IBAN's first check digit after two letters, with its BBAN     mod 97
 ``@``          an e-mail's domain (the local part is read backwards)            labels, TLD
 ``-``          ``-----BEGIN ... PRIVATE KEY-----``                              body or END
