@@ -35,8 +35,11 @@ class AuditTrail:
     async def record(self, passage: Passage, denied: Denied | None = None) -> str | None:
         """Record what became of ``passage``; the id of its audit record (``chain/entry``),
         ``None`` when there is no trail.  Raises ``Unavailable`` if the trail cannot store it."""
+        logged = audit_log.isEnabledFor(logging.INFO)
+        if self.writer is None and not logged:
+            return None  # nothing would keep the record: do not build it
         record = self._record(passage, denied)
-        if audit_log.isEnabledFor(logging.INFO):
+        if logged:
             audit_log.info(
                 "%s %s from %s/%s (%s) on %s%s",
                 record.decision,
