@@ -53,7 +53,9 @@ class Spec(BaseModel):
     @classmethod
     def _known_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            # A key the file spells otherwise than Python may (``class``) is the field's alias.
+            keys = [field.alias or name for name, field in cls.model_fields.items()]
             for key in data:
-                if key not in cls.model_fields:
-                    raise UnknownKey(str(key), list(cls.model_fields))
+                if key not in keys:
+                    raise UnknownKey(str(key), keys)
         return data

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-Location = tuple[str | int, ...]
-"""Where a value sits in the policy document: keys and list indexes from the top."""
+from mesh.yamlfile import Location, line_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,14 +44,6 @@ class PolicyError(ValueError):
         """The same problems with the file name and the line of each path (or its nearest
         enclosing value that has one)."""
         return PolicyError((replace(p, line=line_of(p.path, lines)) for p in self.problems), source)
-
-
-def line_of(path: Location, lines: Mapping[Location, int]) -> int | None:
-    """The line of ``path``, else of its longest prefix the file has a line for."""
-    for end in range(len(path), -1, -1):
-        if path[:end] in lines:
-            return lines[path[:end]]
-    return None
 
 
 def describe(path: Location) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from mesh.dlp import Scanner
 from mesh.policy import globs
 from mesh.policy.decision import CompiledRule, Decision, RuleRef, parse_target
-from mesh.policy.errors import Location, PolicyError, Problem
+from mesh.policy.errors import PolicyError, Problem
 from mesh.policy.model import (
     ACTIONS,
     EVERYONE,
@@ -24,6 +24,7 @@ from mesh.policy.model import (
 )
 from mesh.policy.schemas import compile_schemas
 from mesh.policy.topics import expand
+from mesh.yamlfile import Location
 
 BROKER_ACTIONS: frozenset[Action] = frozenset({"subscribe"})
 """Actions the broker checks itself (bindings never pass the gateway), from enforced rules

@@ -47,9 +47,10 @@ from referencing.jsonschema import DRAFT202012
 
 from mesh import topology
 from mesh.policy import globs
-from mesh.policy.errors import Location, Problem
+from mesh.policy.errors import Problem
 from mesh.policy.model import PayloadSpec, SchemasSpec, SchemaVersionSpec
 from mesh.policy.violations import describe, shown
+from mesh.yamlfile import Location
 
 if TYPE_CHECKING:
     from referencing._core import Resolver  # public only as what Registry.resolver returns
