@@ -84,14 +84,18 @@ class ChainInfo:
 
 
 class AuditReader:
-    def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
+    """Reads the trail of mesh ``namespace``.  ``scan=False`` finds chains through their set
+    alone (``chain_names``), for a Redis user without ``SCAN`` (the bridge's)."""
+
+    def __init__(self, redis: aioredis.Redis, namespace: str, *, scan: bool = True) -> None:
         self.redis = redis
         self.namespace = namespace
+        self.scan = scan
 
     async def chains(self) -> list[ChainInfo]:
         """Every chain with its length and oldest and newest entry."""
         found = []
-        for chain in sorted(await chain_names(self.redis, self.namespace)):
+        for chain in sorted(await chain_names(self.redis, self.namespace, scan=self.scan)):
             key = chain_key(self.namespace, chain)
             first = as_page(await self.redis.xrange(key, "-", "+", count=1))
             last = as_page(await self.redis.xrevrange(key, "+", "-", count=1))
@@ -120,7 +124,7 @@ class AuditReader:
         where = where or AuditFilter()
         start = "-" if since_ms is None else f"{since_ms}-0"
         end = "+" if until_ms is None else f"({until_ms}-0"
-        chains = sorted(await chain_names(self.redis, self.namespace))
+        chains = sorted(await chain_names(self.redis, self.namespace, scan=self.scan))
         streams = [self._records(c, start, end, newest_first) for c in chains]
         shown = 0
         async with aclosing(_merge(streams, newest_first)) as merged:
@@ -150,7 +154,7 @@ class AuditReader:
         chains that start meanwhile included."""
         where = where or AuditFilter()
         positions: dict[str, str] = {}
-        for chain in await chain_names(self.redis, self.namespace):
+        for chain in await chain_names(self.redis, self.namespace, scan=self.scan):
             if since_ms is not None:
                 # XREAD returns what comes after an id: the last one before since_ms.
                 positions[chain] = f"{since_ms - 1}-{2**64 - 1}" if since_ms > 0 else "0-0"
@@ -158,7 +162,7 @@ class AuditReader:
             page = as_page(await self.redis.xrevrange(chain_key(self.namespace, chain), count=1))
             positions[chain] = page[0][0].decode() if page else "0-0"
         while True:
-            for chain in await chain_names(self.redis, self.namespace):
+            for chain in await chain_names(self.redis, self.namespace, scan=self.scan):
                 positions.setdefault(chain, "0-0")  # a chain new since: all of it is new
             if not positions:
                 return

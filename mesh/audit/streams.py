@@ -43,10 +43,13 @@ def new_chain(replica: str) -> str:
     return f"{check_name('replica', replica)}.{secrets.token_hex(4)}"
 
 
-async def chain_names(redis: aioredis.Redis, namespace: str) -> set[str]:
+async def chain_names(redis: aioredis.Redis, namespace: str, *, scan: bool = True) -> set[str]:
     """Every chain the set lists and every chain stream there is (a stream taken out of the
-    set must not escape verification)."""
+    set must not escape verification).  ``scan=False``: those the set lists, for a Redis
+    user that may not ``SCAN`` (no mesh user may: it lists every key of the server)."""
     names = {_text(raw) for raw in await redis.smembers(chains_key(namespace))}
+    if not scan:
+        return names
     prefix = chain_key(namespace, "")
     pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
     async for raw in redis.scan_iter(match=pattern, count=1000, _type="stream"):
