@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from agents_reliability import Host, host
 from helpers import eventually, free_port, running
+from pydantic import SecretStr
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, Settings, on, rpc
@@ -186,6 +187,9 @@ class Running:
 
 CONFIG = BridgeConfig(recheck=0.2)
 
+KEY = SecretStr("bridge-tests-audit-key-of-32-chars!")
+"""The gateway's audit key: it keeps the tamper-evident trail ``/audit`` reads."""
+
 
 @asynccontextmanager
 async def running_bridge(
@@ -207,7 +211,8 @@ async def running_bridge(
         tokens=TokenStore.for_policy(mesh.policy),
     )
     async with AsyncExitStack() as stack:
-        await stack.enter_async_context(running(Gateway(settings=mesh.under("gateway")), service))
+        gateway = Gateway(settings=mesh.under("gateway").model_copy(update={"audit_key": KEY}))
+        await stack.enter_async_context(running(gateway, service))
         await stack.enter_async_context(bridge)
         transport = httpx.ASGITransport(app=create_app(bridge))
         client = await stack.enter_async_context(

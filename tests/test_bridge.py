@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from bridge_support import POLICY, Mesh, mesh_fixture, running_bridge  # noqa: F401
 from click.testing import CliRunner
@@ -254,3 +255,37 @@ async def test_requests_run_concurrently_for_several_callers(mesh: Mesh) -> None
             )
         )
     assert [a.json() for a in answers] == list(range(20))
+
+
+async def test_the_audit_trail_shows_what_the_caller_may_see(mesh: Mesh) -> None:
+    """The viewer sees its own publish and the service's note (it may subscribe to notes.#),
+    not the operator's request; the operator sees its request, not the notes."""
+    async with running_bridge(mesh) as live:
+        client, viewer, operator = live.client, live.auth("viewer"), live.auth("operator")
+        mine = await client.post("/topics/notes.mine", json={}, headers=viewer)
+        theirs = await live.service.publish("notes.theirs", {})
+        assert (await client.post("/agents/svc/rpc/echo", json=1, headers=operator)).json() == 1
+
+        async def records(headers: dict[str, str], query: str = "") -> list[dict[str, Any]]:
+            answer = await client.get(f"/audit{query}", headers=headers)
+            assert answer.status_code == 200, answer.text
+            return [entry["record"] for entry in answer.json()["records"]]
+
+        async def viewer_sees_both() -> bool:
+            ids = {r["message_id"] for r in await records(viewer)}
+            return {mine.json()["message_id"], theirs} <= ids
+
+        await eventually(viewer_sees_both)
+        seen = await records(viewer)
+        assert {r["topic"] for r in seen} == {"notes.mine", "notes.theirs"}
+        own = next(r for r in seen if r["topic"] == "notes.mine")
+        assert (own["principal"], own["delegated_by"], own["decision"]) == (
+            "viewer", "bridge", "allowed"
+        )
+        assert {r["topic"] for r in await records(operator)} == {"_req.svc.echo"}
+        only = await records(viewer, "?topic=notes.%23&principal=service&limit=1")
+        assert [r["topic"] for r in only] == ["notes.theirs"]
+        bad = await client.get("/audit?decision=maybe", headers=viewer)
+        assert bad.status_code == 400 and "decision must be one of" in bad.json()["error"]
+        assert (await client.get("/audit?since=yesterday", headers=viewer)).status_code == 400
+        assert (await client.get("/audit")).status_code == 401

@@ -98,4 +98,5 @@ async def test_generated_requests_get_documented_answers(lax_mesh: Mesh) -> None
         checked = await asyncio.to_thread(fuzz, f"http://{live.url}", token)
     assert "POST /topics/{topic}" in checked
     assert "POST /agents/{agent}/rpc/{operation}" in checked
-    assert len(checked) == 8
+    assert "GET /audit" in checked
+    assert len(checked) == 9

@@ -12,7 +12,9 @@ What a caller may *see* the policy does not say, since reads never pass the gate
 bridge's rule: a caller sees an agent in the registry (``/agents``, registry events) when it
 may ping it (``control`` ``_ctl.<agent>.ping``, and ``ping`` answers exactly that record) or
 may request one of the operations the agent serves (its ``_req.<agent>.<op>`` bindings).
-Live messages it may receive are those of patterns it may ``subscribe`` to.
+Live messages it may receive are those of patterns it may ``subscribe`` to.  In the audit
+trail (``/audit``) it sees the records of its own actions and of events on topics it may
+subscribe to.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mesh import topology
+from mesh.audit import AuditRecord
 from mesh.bridge.auth import Caller
 from mesh.bridge.errors import ApiError
 from mesh.policy import Decision, Policy
@@ -72,6 +75,21 @@ class Access:
             expectation.check(schema, body)
         except SchemaViolation as exc:
             raise ApiError(422, str(exc), stage="schema") from None
+
+    def may_read(self, caller: Caller, record: AuditRecord) -> bool:
+        """Whether ``caller`` sees audit ``record``: one of its own actions (the gateway
+        decided for it), or an event on a topic it may subscribe to (it could have received
+        the message itself)."""
+        if self.policy is None or record.principal == caller.principal:
+            return True
+        if topology.is_internal(record.topic):
+            return False
+        try:
+            return self.policy.decide(
+                self.bridge_id, "subscribe", record.topic, on_behalf_of=caller.principal
+            ).allowed
+        except ValueError:  # a topic the gateway refused as malformed
+            return False
 
     def may_see(self, caller: Caller, agent: str, instances: Iterable[InstanceRecord]) -> bool:
         """Whether ``caller`` sees ``agent`` (with ``instances``) in the registry."""

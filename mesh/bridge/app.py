@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 from mesh.bridge import errors, sse
 from mesh.bridge.errors import ApiError
 from mesh.bridge.openapi import OpenAPI
-from mesh.bridge.routes import agents, health, topics
+from mesh.bridge.routes import agents, audit, health, topics
 from mesh.bridge.service import Bridge
 from mesh.bridge.websocket import websocket_endpoint
 
@@ -57,6 +57,7 @@ def create_app(bridge: Bridge, *, static: Path = STATIC) -> Starlette:
         ),
         Route("/agents/{agent}/shutdown", agents.shutdown, methods=["POST"]),
         Route("/topics/{topic}", topics.publish, methods=["POST"]),
+        Route("/audit", audit.audit, methods=["GET"]),
         Route("/stream", sse.stream, methods=["GET"]),
         WebSocketRoute("/ws", websocket_endpoint),
         Route("/openapi.json", api.openapi_json, methods=["GET"], include_in_schema=False),

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from mesh.audit import AuditRecord
 from mesh.registry import AgentRecord
 
 
@@ -66,6 +67,28 @@ class ControlResult(BaseModel):
     """Those that answered in time."""
 
 
+class AuditEntry(BaseModel):
+    """A record of the audit trail with what seals it (``mesh audit export``'s lines)."""
+
+    chain: str
+    id: str
+    """Its stream entry id (Redis time of the append, ms, and a counter)."""
+    seq: int
+    kid: str
+    prev: str
+    mac: str
+    record: AuditRecord
+
+
+class AuditPage(BaseModel):
+    records: list[AuditEntry]
+    """Newest first."""
+    scanned: int
+    """Records read to find these; the bridge reads at most a bounded number per query."""
+    complete: bool
+    """Whether every record in range was read (else narrow the query, or use ``until``)."""
+
+
 SCHEMAS: tuple[type[BaseModel], ...] = (
     Error,
     Health,
@@ -73,5 +96,6 @@ SCHEMAS: tuple[type[BaseModel], ...] = (
     Accepted,
     Agents,
     ControlResult,
+    AuditPage,
 )
 """The models the OpenAPI document lists under ``components.schemas``."""
