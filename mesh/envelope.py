@@ -31,6 +31,9 @@ H_QUEUE = "x-mesh-queue"
 H_DEAD_BY = "x-mesh-dead-by"
 H_DEAD_BY_USER = "x-mesh-dead-by-user"
 """The broker user that sent a dead letter, as RabbitMQ verified it (set when it is filed)."""
+H_FILED_AT = "x-mesh-filed-at"
+"""When the gateway filed a dead letter in ``mesh.dead``, in Unix milliseconds (the stream
+itself tells its readers no time)."""
 H_ATTEMPT = "x-mesh-attempt"
 H_MESH_ID = "x-mesh-id"
 """The sender's message id, on every copy the mesh forwards (see ``forwarded``)."""
@@ -40,7 +43,7 @@ H_ON_BEHALF_OF = "x-mesh-on-behalf-of"
 RESERVED_HEADERS = frozenset(
     {
         H_USER, H_AUDIT, H_REDACTED, H_REASON, H_DELIVERY_COUNT, H_QUEUE, H_DEAD_BY, H_ATTEMPT,
-        H_MESH_ID, H_DEAD_BY_USER,
+        H_MESH_ID, H_DEAD_BY_USER, H_FILED_AT,
     }
 )
 """Set by the gateway or the broker; a sender's values are dropped at the gateway."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
@@ -10,7 +11,7 @@ from mesh import topology
 from mesh.behaviour import Behaviour
 from mesh.bindings import Binding
 from mesh.deadcounts import MESH_REASON, DeadLetterCounts, death_of, describe
-from mesh.envelope import H_DEAD_BY_USER, H_QUEUE, H_REASON, forwarded
+from mesh.envelope import H_DEAD_BY_USER, H_FILED_AT, H_QUEUE, H_REASON, forwarded
 from mesh.membership import REDIS_DOWN
 from mesh.transport import Unroutable, ack
 
@@ -53,6 +54,7 @@ class DeadLetterFiler(Behaviour):
         # another's name (x-mesh-dead-by is its claim; a broker dead letter keeps the
         # original publisher's user).
         headers[H_DEAD_BY_USER] = incoming.user_id or ""
+        headers[H_FILED_AT] = round(time.time() * 1000)
         if reason != MESH_REASON:
             # The broker's x-death does not survive a publish: say where and why in the
             # mesh's own headers, as every dead letter an agent sends does.
