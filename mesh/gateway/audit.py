@@ -38,8 +38,12 @@ class AuditTrail:
         logged = audit_log.isEnabledFor(logging.INFO)
         if self.writer is None and not logged:
             return None  # nothing would keep the record: do not build it
-        record = self._record(passage, denied)
-        if logged:
+        return await self.keep(self._record(passage, denied))
+
+    async def keep(self, record: AuditRecord) -> str | None:
+        """Log ``record`` and append it to the trail, as ``record`` does: for the gateway's
+        decisions about something other than a passing message (redrives)."""
+        if audit_log.isEnabledFor(logging.INFO):
             audit_log.info(
                 "%s %s from %s/%s (%s) on %s%s",
                 record.decision,
