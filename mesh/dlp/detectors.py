@@ -221,26 +221,26 @@ class _Run:
         self.free -= self.offsets[j + 1] - self.offsets[i]
 
 
-def _international(run: _Run, found: list[Span], first: int, start: int, skip: int = 0) -> bool:
+def _international(
+    run: _Run, found: list[Span], first: int, start: int | None, skip: int = 0
+) -> bool:
     # The longest window from group ``first`` that is an E.164 number (``skip`` digits of an
-    # international prefix such as 00 left out), its span from ``start``.
+    # international prefix such as 00 left out), its span from ``start`` (or the group).
     best = None
     for _, j in run.windows(skip + 8, skip + 15, first):
         if validators.e164(run.digits_of(first, j)[skip:]):
             best = j
     if best is None:
         return False
-    run.take(found, PHONE, first, best, start)
+    run.take(found, PHONE, first, best, _opening(run, first) if start is None else start)
     return True
 
 
 def _national(run: _Run, found: list[Span]) -> None:
-    text = run.text
-    for i, (begin, _) in enumerate(run.bounds):
+    for i in range(run.count):
         if run.used[i]:
             continue
-        start = begin - 1 if begin > 0 and text[begin - 1] == "(" else begin
-        if text.startswith("00", begin) and _international(run, found, i, start, 2):
+        if run.digits.startswith("00", run.offsets[i]) and _international(run, found, i, None, 2):
             continue
         for _, j in run.windows(10, 11, i):
             digits, shape = run.digits_of(i, j), run.shape(i, j)
@@ -249,7 +249,13 @@ def _national(run: _Run, found: list[Span]) -> None:
                 or (shape == (1, 3, 3, 4) and digits[0] == "1" and validators.nanp(digits[1:]))
                 or _trunk_form(digits, shape)
             ):
-                run.take(found, PHONE, i, j, start)
+                run.take(found, PHONE, i, j, _opening(run, i))
+
+
+def _opening(run: _Run, i: int) -> int:
+    # Where a phone number starting at group i starts: at its "(" if it has one.
+    begin = run.bounds[i][0]
+    return begin - 1 if begin > 0 and run.text[begin - 1] == "(" else begin
 
 
 def _trunk_form(digits: str, shape: tuple[int, ...]) -> bool:
