@@ -75,6 +75,11 @@ LIVENESS_CACHE = 1.0
 INDEXED_WITHIN = 5.0
 """Seconds a starting agent waits for a live gateway to index it for discovery."""
 
+LEAVE_WITHIN = 5.0
+"""Seconds a stopping agent gives its deregistration and ``leave`` event at most (and no
+more than ``shutdown_timeout``): a publish would wait ``publish_timeout`` for a RabbitMQ
+that is down."""
+
 
 @dataclass
 class _Awaited:
@@ -318,7 +323,11 @@ class Agent(Service):
             await settle(channel.close())
 
     async def _declare_requeue_exchange(self) -> None:
-        """This agent's own requeue exchange, which its queues bind (any user may)."""
+        """This agent's own requeue exchange, which its queues bind (any agent's user may;
+        an operator's may not name ``mesh.dlx`` as its alternate, and its ``Client`` has no
+        queue to bind)."""
+        if not self.behaviour_map:
+            return
         channel = await self.transport.open_channel()
         try:
             await topology.declare_requeue_exchange(channel, self.id)
@@ -352,7 +361,13 @@ class Agent(Service):
         await asyncio.gather(*self._membership_tasks, return_exceptions=True)
         if self._joined:  # not when the start failed before it joined
             self._joined = False
-            await self._membership.leave()
+            within = min(LEAVE_WITHIN, self.settings.shutdown_timeout)
+            try:
+                async with asyncio.timeout(within):
+                    await self._membership.leave()
+            except TimeoutError:
+                # The record is gone or lapses by itself; the event only hastens discovery.
+                logger.warning("could not announce leaving within %gs", within)
         await self.on_drained()
         for awaited in self._awaited.values():
             awaited.replies.put_nowait(None)

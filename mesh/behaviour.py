@@ -573,11 +573,17 @@ class _Consumer:
         self.mailbox.put_nowait(incoming)
 
     async def stop(self) -> None:
-        """Stop taking messages, requeue those not started, let in-flight ones finish."""
+        """Stop taking messages, requeue those not started, let in-flight ones finish; all
+        within ``shutdown_timeout``."""
         b = self.behaviour
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + b.agent.settings.shutdown_timeout
         if self.queue is not None and self.consumer_tag is not None:
             try:
-                await self.queue.cancel(self.consumer_tag)
+                # With the connection lost, aio-pika waits for it to come back before it
+                # sends the cancel; the broker dropped the consumer with the connection.
+                async with asyncio.timeout_at(deadline):
+                    await self.queue.cancel(self.consumer_tag)
             except Exception as exc:  # the broker will requeue on channel close anyway
                 logger.debug("cancel consumer of %s: %r", b.queue_name, exc)
         # Only now: a message handed back while the consumer was active would come
@@ -585,7 +591,8 @@ class _Consumer:
         self.stopping = True
         await self._hand_back()
         try:
-            await asyncio.wait_for(self.idle.wait(), b.agent.settings.shutdown_timeout)
+            async with asyncio.timeout_at(deadline):
+                await self.idle.wait()
         except TimeoutError:
             logger.warning(
                 "%s: handlers still running after %gs; requeueing their messages",
