@@ -187,6 +187,29 @@ async def test_not_ready_while_rabbitmq_is_down(settings: Settings) -> None:
     assert sample(exposition, "mesh_reconnects_total", connection="publishing") == 1
 
 
+async def test_a_stop_while_rabbitmq_is_down_ends_within_the_drain_timeout(
+    settings: Settings,
+) -> None:
+    """With RabbitMQ gone, a stopping agent does not wait for it: the consumer's cancel and
+    the leave event give up within ``shutdown_timeout``, and the stop ends (it waited for
+    the broker to come back before)."""
+    quick = settings.model_copy(update={"shutdown_timeout": 0.5})
+    async with Proxy.for_url(settings.amqp_url) as proxy:
+        behind = quick.model_copy(update={"amqp_url": proxy.url_for(settings.amqp_url)})
+        agent = subscriber(behind, Hold, agent_id="cut")
+        async with health_of(agent) as port:
+            await agent.start()
+            proxy.refuse_clients()
+            proxy.drop_clients()
+            await eventually(lambda: unready(port, "RabbitMQ unreachable: reconnecting"))
+            stopping = asyncio.create_task(agent.stop())
+            try:
+                await eventually(lambda: unready(port, "draining"))
+                await asyncio.wait_for(stopping, 30)
+            finally:
+                stopping.cancel()
+
+
 async def test_not_ready_while_redis_is_down(settings: Settings) -> None:
     """Cut off from Redis (its heartbeat fails), an agent is not ready; once a heartbeat
     gets through again it is."""
