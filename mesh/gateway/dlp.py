@@ -10,7 +10,7 @@ appears in a reason, a notice, a log line or the trail.
 
 from __future__ import annotations
 
-import json
+import pydantic_core
 
 from mesh.dlp import PayloadTooLarge, Scanner
 from mesh.envelope import encode_body
@@ -37,7 +37,8 @@ class DataLossPrevention:
         except PayloadTooLarge as exc:
             raise Denied(self.name, str(exc)) from None
         try:
-            payload = json.loads(body)
+            # pydantic-core's parser also refuses nesting too deep to walk, as a ValueError.
+            payload = pydantic_core.from_json(body)
         except ValueError:
             raise Denied(self.name, "the payload is not JSON") from None
         result = self.scanner.scan(payload, topic=key)
