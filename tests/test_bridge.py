@@ -9,13 +9,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bridge_support import POLICY, Mesh, mesh_fixture, running_bridge  # noqa: F401
+import httpx
+import pytest
+from bridge_support import (  # noqa: F401 (mesh_fixture)
+    POLICY,
+    Mesh,
+    Service,
+    mesh_fixture,
+    running_bridge,
+)
 from click.testing import CliRunner
-from helpers import eventually, take
+from helpers import eventually, running, take
 
+from mesh import Settings
+from mesh.bridge import Bridge, BridgeConfig, BridgeError, create_app
 from mesh.cli import main
 from mesh.envelope import H_ON_BEHALF_OF
-from mesh.policy import broker_user, parse_policy
+from mesh.gateway import Gateway
+from mesh.policy import TokenStore, broker_user, parse_policy
 
 
 async def test_callers_need_a_valid_token(mesh: Mesh) -> None:
@@ -289,3 +300,30 @@ async def test_the_audit_trail_shows_what_the_caller_may_see(mesh: Mesh) -> None
         assert bad.status_code == 400 and "decision must be one of" in bad.json()["error"]
         assert (await client.get("/audit?since=yesterday", headers=viewer)).status_code == 400
         assert (await client.get("/audit")).status_code == 401
+
+
+async def test_open_mode_serves_anyone_without_tokens(settings: Settings) -> None:
+    """No policy, and --insecure-open: no token asked, nothing sent on anyone's behalf."""
+    service = Service("svc", settings=settings)
+    bridge = Bridge(settings, BridgeConfig(insecure_open=True))
+    async with running(Gateway(settings=settings), service), bridge:
+        transport = httpx.ASGITransport(app=create_app(bridge))
+        async with httpx.AsyncClient(transport=transport, base_url="http://bridge") as client:
+            assert (await client.get("/health")).json()["mode"] == "open"
+            answer = await client.post("/topics/notes.open", json={"n": 1})
+            assert answer.status_code == 202
+            [seen] = await take(service.seen, 1)
+            assert (await client.post("/agents/svc/rpc/echo", json=2)).json() == 2
+    assert seen.message_id == answer.json()["message_id"]
+    assert H_ON_BEHALF_OF not in seen.headers
+
+
+def test_the_bridge_needs_a_delegating_principal_or_insecure_open() -> None:
+    settings = Settings()
+    with pytest.raises(BridgeError, match="--insecure-open"):
+        Bridge(settings)
+    policy = parse_policy(POLICY.replace("bridge: {kind: bridge}", "bridge: {kind: agent}"))
+    with pytest.raises(BridgeError, match="does not delegate"):
+        Bridge(settings, policy=policy, tokens=TokenStore("unused", []))
+    with pytest.raises(BridgeError, match="'relay' is no principal"):
+        Bridge(settings, BridgeConfig(agent_id="relay"), parse_policy(POLICY), tokens=None)
