@@ -23,13 +23,17 @@ def payload_sha256(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+MAX_PATH = 1024
+"""The longest ``Finding.path`` a record keeps."""
+
+
 class Finding(BaseModel):
     """What DLP found where: ``kind`` (``email``, ``iban`` …) at ``path`` (``$.patient.email``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: str = Field(max_length=64)
-    path: str = Field(max_length=1024)
+    path: str = Field(max_length=MAX_PATH)
 
 
 class AuditRecord(BaseModel):

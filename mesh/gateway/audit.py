@@ -20,6 +20,7 @@ from mesh.audit import (
     Finding,
     payload_sha256,
 )
+from mesh.audit.record import MAX_PATH
 from mesh.envelope import H_INSTANCE
 from mesh.gateway.pipeline import Denied, Passage, Unavailable
 
@@ -92,5 +93,13 @@ class AuditTrail:
             message_id=incoming.message_id,
             correlation_id=incoming.correlation_id,
             payload_sha256=payload_sha256(incoming.body),
-            findings=tuple(Finding(kind=kind, path=path) for kind, path in passage.findings),
+            findings=tuple(
+                Finding(kind=kind, path=_clipped(path)) for kind, path in passage.findings
+            ),
         )
+
+
+def _clipped(path: str) -> str:
+    """A finding's JSON path as a record keeps it: a payload's keys may make it longer than
+    that (the record would be refused, and with it the decision), so it keeps the start."""
+    return path if len(path) <= MAX_PATH else f"{path[: MAX_PATH - 1]}…"
