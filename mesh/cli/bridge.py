@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 from mesh import logcontext
@@ -12,8 +10,6 @@ from mesh.bridge.server import server
 from mesh.cli.common import example, settings_or_exit
 from mesh.policy import PolicyError, TokenError, load_policy
 from mesh.topology import TopicError
-
-logger = logging.getLogger(__name__)
 
 
 @click.command(
