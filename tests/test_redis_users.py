@@ -128,6 +128,7 @@ async def test_the_gateway_and_operators_use_every_key_of_their_mesh_only(
     for principal in ("gateway", "ops"):
         client = as_principal(principal)
         await client.set(f"{namespace}:state:monitor", "x")
+        await client.scan(0)  # verifying the audit trail lists its streams
         assert await refused(client.get(f"{namespace}-other:state:monitor"))
         assert await refused(client.get("unrelated"))
 

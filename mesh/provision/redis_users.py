@@ -45,7 +45,7 @@ COMMANDS = (
     "-script|kill",
 )
 """What every mesh user may run: data commands, transactions and scripts (which Redis checks
-command by command against the user's keys)."""
+command by command against the user's keys); the gateway and operators may also SCAN."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,12 @@ class RedisUserInfo:
 def redis_user(namespace: str, principal: Principal) -> RedisUser:
     """The Redis user of ``principal`` in the mesh ``namespace``."""
     keys: list[str]
+    commands = COMMANDS
     if principal.kind in ("gateway", "operator"):
         keys = [f"~{namespace}:*"]
+        # Verifying the audit trail lists its streams with SCAN (a chain missing from the
+        # trail's own set must still be found); SCAN shows key names only.
+        commands = tuple(c for c in COMMANDS if c != "-scan")
     else:
         keys = [f"%R~{namespace}:registry:*"]
         for agent in principal.agents:
@@ -94,7 +98,7 @@ def redis_user(namespace: str, principal: Principal) -> RedisUser:
         if principal.delegates:
             # The bridge shows its callers the audit records they may see (GET /audit).
             keys.append(f"%R~{namespace}:audit:*")
-    rules = ("resetkeys", *keys, "resetchannels", f"&{MARK}{namespace}", *COMMANDS)
+    rules = ("resetkeys", *keys, "resetchannels", f"&{MARK}{namespace}", *commands)
     return RedisUser(broker_user(namespace, principal.name), principal.name, rules)
 
 
