@@ -455,6 +455,37 @@ def ensure_services(
     return services
 
 
+def ensure_program(
+    names: Sequence[str],
+    package: str,
+    *,
+    state_dir: Path | None = None,
+    search_path: str | None = None,
+    allow_install: bool | None = None,
+) -> Path:
+    """The first of ``names`` on the search path, installing Debian's ``package`` first when it
+    is missing and installing is allowed (as for the services); else :class:`DevServicesError`
+    saying how to get it.  Tests call it for the programs they drive (chromium)."""
+    state_dir = state_dir or default_state_dir()
+    search_path = search_path or default_search_path()
+
+    def found() -> Path | None:
+        return next((path for name in names if (path := find_program(name, search_path))), None)
+
+    if (program := found()) is not None:
+        return program
+    if not _may_install(search_path, allow_install):
+        raise DevServicesError(f"{names[0]} is not installed: run `sudo apt-get install {package}`")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(state_dir / "lock"):  # one apt-get at a time; another run may have installed
+        if (program := found()) is None:
+            _apt_install([package], search_path)
+            program = found()
+    if program is None:
+        raise DevServicesError(f"{package} installed, but none of {', '.join(names)} is found")
+    return program
+
+
 MANAGEMENT_PLUGIN = "rabbitmq_management"
 
 
