@@ -11,12 +11,19 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 from mesh.topology import TopicError, check_name
 
 
-class UnknownKey(ValueError):
-    """A mapping holds a key its model does not know; ``key`` locates it in the file."""
+class BadKey(ValueError):
+    """What a mapping holds under ``key`` is wrong; ``key`` locates it in the file."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class UnknownKey(BadKey):
+    """A mapping holds a key its model does not know."""
 
     def __init__(self, key: str, expected: list[str]) -> None:
-        super().__init__(f"unknown key {key!r} (expected {', '.join(expected)})")
-        self.key = key
+        super().__init__(key, f"unknown key {key!r} (expected {', '.join(expected)})")
 
 
 def one_of(kind: str, value: object, choices: tuple[str, ...]) -> object:

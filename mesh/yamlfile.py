@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic_core import ErrorDetails
 
-from mesh.filespec import UnknownKey
+from mesh.filespec import BadKey
 
 Location = tuple[str | int, ...]
 """Where a value sits in a document: keys and list indexes from the top."""
@@ -82,7 +82,7 @@ def explain(error: ErrorDetails, field: Callable[[Location], str]) -> tuple[Loca
     part of the path the message names itself (empty: none)."""
     path: Location = tuple(part for part in error["loc"] if part != "[key]")
     cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, UnknownKey):
+    if isinstance(cause, BadKey):
         return (*path, cause.key), str(cause)
     if error["type"] == "value_error" and cause is not None:
         return path, str(cause)
