@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mesh import topology
 from mesh.envelope import CONTENT_TYPE, H_INSTANCE, H_TOPIC, RESERVED_HEADERS, MessageType
 from mesh.gateway.pipeline import Denied, Passage
@@ -67,4 +69,26 @@ class Decode:
         # Headers only the gateway or the broker may set are dropped, not trusted; the
         # topic receivers see is the key the message was routed by.
         passage.headers = {k: v for k, v in headers.items() if k not in RESERVED_HEADERS}
+        name = _not_utf8(passage.headers)
+        if name is not None:
+            raise Denied(self.name, f"header {name!r} holds a string that is not UTF-8")
         passage.headers[H_TOPIC] = key
+
+
+def _not_utf8(headers: dict[str, Any]) -> str | None:
+    """The first header holding a string that is not UTF-8, at any depth.
+
+    The AMQP client reads such a string as ``bytes``, which it cannot send on: relayed, the
+    message would fail after its decision was recorded, and no copy would carry it.
+    """
+    for name, value in headers.items():
+        values = [value]
+        while values:
+            item = values.pop()
+            if isinstance(item, bytes):
+                return name
+            if isinstance(item, dict):
+                values.extend(item.values())
+            elif isinstance(item, list):
+                values.extend(item)
+    return None
