@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -13,6 +14,7 @@ from mesh.cli.common import example, settings_or_exit
 from mesh.cli.policy import load_policy_or_exit
 from mesh.config import Settings
 from mesh.management import ManagementAPI, ManagementError, vhost_of
+from mesh.policy import Policy
 from mesh.provision import (
     Change,
     CredentialStore,
@@ -89,6 +91,27 @@ def provision(
     settings = settings_or_exit()
     compiled = load_policy_or_exit(policy_file, 1)
     store = CredentialStore(credentials_dir(policy_file, credentials))
+    plan = provision_policy(
+        compiled, store, settings, dry_run=dry_run, no_broker=no_broker, echo=click.echo
+    )
+    if definitions_file is not None:
+        _definitions(Path(definitions_file), plan, store, dry_run=dry_run)
+    if dry_run:
+        click.echo("dry run: nothing changed")
+
+
+def provision_policy(
+    compiled: Policy,
+    store: CredentialStore,
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    no_broker: bool = False,
+    echo: Callable[[str], None],
+) -> Plan:
+    """What ``mesh provision`` does (``mesh up`` too): make the users ``compiled`` wants,
+    keep their credentials in ``store``, say each change with ``echo``.  Failures raise
+    ``click.ClickException`` saying what to do."""
     api = None if no_broker else ManagementAPI.for_settings(settings)
     redis = None if no_broker else aioredis.Redis.from_url(settings.redis_url)
     try:
@@ -96,9 +119,9 @@ def provision(
             compiled, settings.namespace, vhost_of(settings), objects=mesh_objects(settings)
         )
         for note in plan.notes:
-            click.echo(f"note: {note}")
+            echo(f"note: {note}")
         changes = asyncio.run(
-            _provision(plan, store, settings, api, redis, dry_run=dry_run)
+            _provision(plan, store, settings, api, redis, dry_run=dry_run, echo=echo)
         )
     except ProvisionError as exc:
         raise click.ClickException(str(exc)) from None
@@ -115,11 +138,8 @@ def provision(
             "a Redis user allowed ACL SETUSER: the user of MESH_REDIS_URL)"
         ) from None
     if not changes:
-        click.echo("nothing to change")
-    if definitions_file is not None:
-        _definitions(Path(definitions_file), plan, store, dry_run=dry_run)
-    if dry_run:
-        click.echo("dry run: nothing changed")
+        echo("nothing to change")
+    return plan
 
 
 async def _provision(
@@ -130,6 +150,7 @@ async def _provision(
     redis: aioredis.Redis | None,
     *,
     dry_run: bool,
+    echo: Callable[[str], None],
 ) -> list[Change]:
     try:
         return await provision_plan(
@@ -140,7 +161,7 @@ async def _provision(
             redis=redis,
             redis_url=settings.redis_url,
             dry_run=dry_run,
-            on_change=lambda change: click.echo(str(change)),
+            on_change=lambda change: echo(str(change)),
         )
     finally:
         if redis is not None:
