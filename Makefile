@@ -35,7 +35,7 @@ test: install lint
 	$(DEV) exec -- $(BIN)/python -m pytest -q
 
 demo: install
-	$(DEV) exec -- $(BIN)/mesh demo
+	$(DEV) exec -- $(BIN)/mesh up examples/demo/mesh.yaml
 
 services: install
 	$(DEV) start

@@ -1,5 +1,6 @@
-"""``mesh demo`` (what ``make demo`` runs): provisioned from examples/policy.yaml, every
-process as its principal's broker user, and one message the gateway denies."""
+"""``mesh up examples/demo/mesh.yaml`` (what ``make demo`` runs): provisioned from
+examples/policy.yaml, every process as its principal's broker user, and one message the
+gateway denies."""
 
 from __future__ import annotations
 
@@ -24,7 +25,12 @@ async def test_the_demo_runs_provisioned_and_shows_a_denial(
 ) -> None:
     """Runs until its output shows the denial, the notice to the intruder and honest traffic
     (however slow the machine), then stops cleanly on SIGINT, as on Ctrl+C."""
-    env = {**os.environ, **cli_env(settings), "MESH_CREDENTIALS_DIR": str(tmp_path / "creds")}
+    env = {
+        **os.environ,
+        **cli_env(settings),
+        "MESH_CREDENTIALS_DIR": str(tmp_path / "creds"),
+        "MESH_RUN_DIR": str(tmp_path / "run"),
+    }
     api = ManagementAPI.for_settings(settings)
     vehicles = f"{settings.namespace}.vehicles"
     wanted = {
@@ -37,7 +43,7 @@ async def test_the_demo_runs_provisioned_and_shows_a_denial(
     lines: list[str] = []
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "mesh.cli", "demo",
+            sys.executable, "-m", "mesh.cli", "up", "examples/demo/mesh.yaml",
             cwd=ROOT,
             env=env,
             stdout=asyncio.subprocess.PIPE,

@@ -17,6 +17,7 @@ from mesh.cli import (
     schema,
     tail,
     token,
+    up,
 )
 from mesh.cli.common import example
 
@@ -36,7 +37,13 @@ def main() -> None:
 # Processes: mesh/cli/run.py
 main.add_command(run.run)
 main.add_command(run.gateway)
-main.add_command(run.demo)
+
+# A whole mesh from its spec, supervised: mesh/cli/up.py
+main.add_command(up.up)
+main.add_command(up.status)
+main.add_command(up.logs)
+main.add_command(up.down)
+main.add_command(up.demo)
 
 # Talking to running agents: mesh/cli/control.py
 main.add_command(control.ping)

@@ -1,10 +1,8 @@
-"""Commands that run mesh processes: an agent, a gateway replica, the demo."""
+"""Commands that run mesh processes: an agent, a gateway replica."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 
 import click
 from mode import ServiceT, Worker
@@ -100,22 +98,3 @@ def gateway(agent_id: str, instance: str | None, log_level: str, migrate_queues:
     """Run a gateway replica: relay mesh.policy to mesh.topic, file dead letters."""
     settings = process_settings(migrate_queues)
     run_worker(Gateway(agent_id, instance=instance, settings=settings), log_level)
-
-
-@click.command(epilog=example("mesh demo", "mesh demo --seconds 30"))
-@click.option("--seconds", default=0.0, help="Stop after this long (default: until Ctrl+C).")
-def demo(seconds: float) -> None:
-    """Run the demo mesh, provisioned from examples/policy.yaml: a gateway, two vehicles, a
-    monitor and an intruder whose spoofed reading the gateway denies, as separate processes,
-    each as its principal's broker user."""
-    from mesh.demo import DEMO_POLICY, run_demo
-
-    if not DEMO_POLICY.is_file():
-        raise click.ClickException(
-            f"{DEMO_POLICY} not found: run `mesh demo` (or `make demo`) from the repository"
-        )
-    try:
-        code = asyncio.run(run_demo(seconds))
-    except KeyboardInterrupt:
-        code = 0
-    sys.exit(code)
