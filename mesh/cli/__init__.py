@@ -9,6 +9,7 @@ from mesh.cli import (
     audit,
     bridge,
     control,
+    dead,
     policy,
     provision,
     publish,
@@ -61,6 +62,9 @@ main.add_command(agents.agents)
 # The mesh's queues: mesh/cli/queues.py
 main.add_command(queues.queues)
 main.add_command(queues.forget)
+
+# The dead letters: mesh/cli/dead.py
+main.add_command(dead.dead)
 
 # The policy file, its users' tokens and its payload schemas: mesh/cli/policy.py,
 # mesh/cli/token.py, mesh/cli/schema.py

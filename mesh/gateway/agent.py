@@ -11,8 +11,10 @@ import redis.asyncio as aioredis
 
 from mesh.agent import GATEWAY_CAPABILITY, Agent
 from mesh.audit import AuditWriter
+from mesh.behaviour import rpc
 from mesh.config import ConfigError, Settings
 from mesh.deadcounts import DeadLetterCounts
+from mesh.envelope import Message
 from mesh.gateway.audit import AuditTrail
 from mesh.gateway.authenticate import Authenticate
 from mesh.gateway.authorize import Authorize
@@ -24,12 +26,14 @@ from mesh.gateway.guard import Guard
 from mesh.gateway.indexer import RegistryIndexer
 from mesh.gateway.pipeline import Pipeline, Stage
 from mesh.gateway.ratelimit import RateLimit
+from mesh.gateway.redrive import Redriver
 from mesh.gateway.relay import InternalRelay, Relay
 from mesh.gateway.replies import BindReplies
 from mesh.gateway.schema import SchemaCheck
 from mesh.membership import REDIS_DOWN
 from mesh.policy import Policy, PolicyError, load_policy
 from mesh.ratelimit import RateLimiter
+from mesh.redrive import REDRIVE, RedriveRequest
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ class Gateway(Agent):
 
     Every decision is recorded (``AuditTrail``): in the tamper-evident audit trail when an
     audit key is set (``MESH_AUDIT_KEY`` or ``MESH_AUDIT_KEY_FILE``), else in the log only.
+    Its ``redrive`` operation puts dead letters back into their queues for operators
+    (``mesh.gateway.redrive``).
     """
 
     capabilities = [GATEWAY_CAPABILITY]
@@ -85,6 +91,12 @@ class Gateway(Agent):
         filer = self.behaviour_map[DeadLetterFiler.name]
         assert isinstance(filer, DeadLetterFiler)
         filer.counts = DeadLetterCounts(self.redis, self.settings.namespace)
+        self.redriver = Redriver(self, self.policy, trail)
+
+    @rpc(REDRIVE, model=RedriveRequest)
+    async def redrive(self, msg: Message, request: RedriveRequest) -> dict[str, Any]:
+        """Put dead letters back into their queues for an operator (``mesh dead redrive``)."""
+        return (await self.redriver(msg, request)).model_dump(mode="json")
 
     def _stages(self, policy: Policy | None) -> list[Stage]:
         namespace = self.settings.namespace

@@ -51,6 +51,8 @@ _CLIENT = rf"client-{_WORD}"
 """The id of a ``mesh`` command's ``Client`` (``client-<random>``)."""
 _TAIL_QUEUE = "amq_[0-9a-f]+"
 """``mesh tail``'s exclusive queue, named by aio-pika."""
+DEFAULT_EXCHANGE = "amq.default"
+"""The default exchange, as RabbitMQ names it when it checks a publish to it."""
 
 _MAYBE_SEP = r"(?:^|\.)"
 """Before a word that may be a key's first or come after a dot (after a ``#`` that may
@@ -305,8 +307,11 @@ def bridge_permissions(
 def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
     """The gateway's user: it declares the mesh's exchanges, its own queues and the
     dead-letter path, relays from the policy exchanges to ``mesh.topic`` and
-    ``mesh.internal``, and files dead letters.  As an agent it binds on ``mesh.internal``
-    only what is addressed to it (no ``_all``: gateways take no broadcast control)."""
+    ``mesh.internal``, files dead letters, and reads them back to redrive them into their
+    queues through the default exchange (``amq.default``, as RabbitMQ names it for
+    permissions): the one user that may write to any queue.  As an agent it binds on
+    ``mesh.internal`` only what is addressed to it, its ``redrive`` requests among them
+    (no ``_all``: gateways take no broadcast control)."""
     gateway = re.escape(topology.check_name("gateway id", gateway_id))
     own = _own_queues(gateway)
     queues = _exact(
@@ -316,6 +321,7 @@ def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
         topology.DEAD_LETTER_QUEUE,
     )
     addressed = [
+        topology.request_key(gateway_id, "*"),
         topology.reply_key(gateway_id, "*"),
         topology.error_key(gateway_id, "*"),
         topology.control_key(gateway_id, "*"),
@@ -340,6 +346,7 @@ def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
                 topology.INTERNAL_POLICY_EXCHANGE,
                 topology.DEAD_LETTER_EXCHANGE,
                 topology.FILING_EXCHANGE,
+                DEFAULT_EXCHANGE,
             ),
             *queues,
             own,
@@ -354,6 +361,7 @@ def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:
                 topology.GATEWAY_QUEUE,
                 topology.INTERNAL_GATEWAY_QUEUE,
                 topology.DEAD_LETTER_INCOMING,
+                topology.DEAD_LETTER_QUEUE,
             ),
             own,
         ),
@@ -377,17 +385,23 @@ def operator_permissions(*, tail: Sequence[str] = ("#",), forget: bool = False) 
 
     Each command runs a ``Client``: an agent ``client-<random>`` with an inbox for replies,
     which publishes events, requests and control commands.  ``mesh tail`` binds a queue of
-    its own to ``mesh.topic`` with the patterns ``tail`` covers.  ``mesh queues`` lists
-    queues over the management API, which takes the user tag ``management``, not AMQP
-    permissions; ``mesh forget`` deletes queues there, which takes ``configure`` on every
-    agent's queues (``forget``).
+    its own to ``mesh.topic`` with the patterns ``tail`` covers; ``mesh dead`` reads the
+    ``mesh.dead`` stream (a redrive is the gateway's to make: the command asks it with a
+    request).  ``mesh queues`` lists queues over the management API, which takes the user
+    tag ``management``, not AMQP permissions; ``mesh forget`` deletes queues there, which
+    takes ``configure`` on every agent's queues (``forget``).
     """
     own = f"{_own_queues(_CLIENT)}|{_TAIL_QUEUE}"
     configure = [own, _own_queues(_WORD)] if forget else [own]
     return UserPermissions(
         configure=_names(*configure),
         write=_names(*_exact(topology.POLICY_EXCHANGE, topology.INTERNAL_POLICY_EXCHANGE), own),
-        read=_names(*_exact(topology.TOPIC_EXCHANGE, topology.INTERNAL_EXCHANGE), own),
+        read=_names(
+            *_exact(
+                topology.TOPIC_EXCHANGE, topology.INTERNAL_EXCHANGE, topology.DEAD_LETTER_QUEUE
+            ),
+            own,
+        ),
         topics=(
             TopicPermission(topology.POLICY_EXCHANGE, write=_names(_USER_TOPIC)),
             TopicPermission(
