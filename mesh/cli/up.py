@@ -274,10 +274,6 @@ async def _supervise(
     spec: MeshSpec, run: RunDir, children: list[Child], key: Path, *, detached: bool
 ) -> int:
     run.prepare([child.name for child in children])
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     width = max(len(child.name) for child in children)
     bridge_url = spec.bridge.url if spec.bridge is not None and spec.bridge.enabled else None
     state = RunState(
@@ -304,6 +300,17 @@ async def _supervise(
         output=None if detached else output,
         changed=changed,
     )
+    stop = asyncio.Event()
+
+    def interrupted() -> None:
+        if stop.is_set():
+            click.echo("mesh up: stopping at once (SIGKILL to every process)")
+            supervisor.kill()
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted)
     changed()
     running = asyncio.create_task(supervisor.run(stop))
     await asyncio.wait(

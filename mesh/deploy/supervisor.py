@@ -35,8 +35,8 @@ class Child:
     log: Path
     state: str = "starting"
     """``starting``, ``running``, ``restarting``, ``failed`` (given up on), ``exited`` (0, on
-    its own), ``stopped``, ``crashed`` (while the mesh stopped) or ``killed`` (did not stop
-    in time, or stopped with an error)."""
+    its own), ``stopping``, ``stopped``, ``crashed`` (while the mesh stopped) or ``killed``
+    (did not stop in time, or stopped with an error)."""
     pid: int | None = None
     restarts: int = 0
     crashes: int = 0
@@ -105,6 +105,13 @@ class Supervisor:
     async def started(self) -> None:
         """Returns once every child was started once (or failed to be)."""
         await self._started.wait()
+
+    def kill(self) -> None:
+        """SIGKILL to every child still running (a second Ctrl+C: stop now, not drained)."""
+        for child in self.children:
+            if child.pid is not None and child.state in ("running", "stopping"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
 
     async def _keep(self, child: Child) -> None:
         """Run ``child``, again after each crash, until stopping or giving up on it."""
@@ -179,6 +186,7 @@ class Supervisor:
     async def _terminate(
         self, child: Child, handle: asyncio.subprocess.Process, exited: asyncio.Task[int]
     ) -> None:
+        self._set(child, "stopping")
         with contextlib.suppress(ProcessLookupError):
             handle.send_signal(signal.SIGTERM)
         timeout = child.process.stop_timeout
