@@ -1,7 +1,7 @@
-"""Running a whole mesh from one spec file (``mesh.yaml``): the spec (``spec``), the
-processes it runs, each as its policy principal (``processes``), their supervisor
-(``supervisor``) and the run directory that ``mesh up --detach``, ``mesh status``,
-``mesh logs`` and ``mesh down`` share (``rundir``)."""
+"""Running a whole mesh from one spec file, ``mesh.yaml``: the spec (``spec``, its problems
+in ``errors``), the processes it runs, each as its policy principal (``processes``), how one is
+started on this machine (``launch``), their supervisor (``supervisor``), and the run directory
+that ``mesh status``, ``mesh logs`` and ``mesh down`` read (``rundir``)."""
 
 from mesh.deploy.errors import SpecError
 from mesh.deploy.spec import (

@@ -39,6 +39,7 @@ RESERVED_SETTINGS = {
     "audit_key": "a secret: give audit_key_file",
 }
 """Settings a spec may not give a process, and why."""
+_SETTABLE = [name for name in Settings.model_fields if name not in RESERVED_SETTINGS]
 
 _CLASS = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$", re.ASCII)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -63,9 +64,6 @@ def _check_settings(value: dict[str, Any]) -> dict[str, Any]:
         except ValidationError as exc:
             raise BadKey(key, f"{exc.errors()[0]['msg']}, got {item!r}") from None
     return value
-
-
-_SETTABLE = [name for name in Settings.model_fields if name not in RESERVED_SETTINGS]
 
 
 def _check_env(value: dict[str, str]) -> dict[str, str]:
