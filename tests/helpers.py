@@ -112,11 +112,14 @@ async def mesh_cli(settings: Settings, *args: str, stdin: str = "") -> tuple[int
 
 
 class PrivateRedis:
-    """A throwaway ``redis-server`` on its own port, with no persistence."""
+    """A throwaway ``redis-server`` on its own port, with no persistence unless ``durable``:
+    then every write is in its append-only file before Redis answers, so what it stored
+    survives a kill (``workdir`` is kept between starts)."""
 
-    def __init__(self, port: int, workdir: Path) -> None:
+    def __init__(self, port: int, workdir: Path, *, durable: bool = False) -> None:
         self.port = port
         self.workdir = workdir
+        self.durable = durable
         self.url = f"redis://127.0.0.1:{port}/0"
         self.process: asyncio.subprocess.Process | None = None
 
@@ -133,7 +136,9 @@ class PrivateRedis:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.durable else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             str(self.workdir),
             stdin=asyncio.subprocess.DEVNULL,
