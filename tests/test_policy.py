@@ -310,7 +310,7 @@ def test_the_example_policy_is_valid_and_allows_what_the_demo_does() -> None:
         pytest.param(
             "- a\n",
             "policy.yaml:1: a policy is a mapping of principals, roles, rule_sets, schemas, "
-            "not ['a']",
+            "rate_limits, dlp, not ['a']",
             id="not a mapping",
         ),
     ],
