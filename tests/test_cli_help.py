@@ -11,10 +11,13 @@ from mesh.cli import main
 
 
 def commands(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """The path of ``command`` and of every command under it."""
+    """The path of ``command`` and of every command under it (lazy ones imported)."""
     yield path
     if isinstance(command, click.Group):
-        for name, sub in command.commands.items():
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            assert sub is not None, name
             yield from commands(sub, (*path, name))
 
 
