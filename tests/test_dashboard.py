@@ -119,6 +119,9 @@ async def behaviour_state(live: Running, agent: str, behaviour: str) -> set[str]
     }
 
 
+# A fresh machine installs chromium (apt-get) in the first test's time; each step below waits
+# at most WAIT_MS, and the test takes about 8 s once chromium is there.
+@pytest.mark.timeout(600)
 async def test_the_dashboard_shows_agents_controls_them_and_streams_messages(
     live: Running, page: Any
 ) -> None:
