@@ -1,10 +1,10 @@
-"""The Starlette app: the REST routes, ``/ws``, ``/stream``, the API's document and page, and
-the static files (the dashboard) at ``/``."""
+"""The Starlette app: the REST routes, ``/ws``, ``/stream``, A2A at ``/a2a``, the API's document
+and page, and the static files (the dashboard) at ``/``."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from mesh.bridge import errors, sse
+from mesh.bridge import a2a, errors, sse
 from mesh.bridge.errors import ApiError
 from mesh.bridge.openapi import OpenAPI
 from mesh.bridge.routes import agents, audit, health, topics
@@ -33,15 +33,17 @@ def _version() -> str:
 
 def create_app(bridge: Bridge, *, static: Path = STATIC) -> Starlette:
     """The bridge's ASGI app.  Its lifespan starts ``bridge`` unless it runs already (a test
-    may start it itself: httpx's ASGI transport runs no lifespan) and then stops it."""
+    may start it itself: httpx's ASGI transport runs no lifespan) and then stops it, after
+    the A2A tasks running here (``mesh.bridge.a2a``)."""
     api = OpenAPI(bridge.config, _version())
+    agents_a2a = a2a.mount(bridge)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        if bridge.started:
-            yield
-            return
-        async with bridge:
+        async with AsyncExitStack() as stack:
+            if not bridge.started:
+                await stack.enter_async_context(bridge)
+            stack.push_async_callback(agents_a2a.aclose)
             yield
 
     routes = [
@@ -62,6 +64,7 @@ def create_app(bridge: Bridge, *, static: Path = STATIC) -> Starlette:
         WebSocketRoute("/ws", websocket_endpoint),
         Route("/openapi.json", api.openapi_json, methods=["GET"], include_in_schema=False),
         Route("/docs", api.docs_page, methods=["GET"], include_in_schema=False),
+        Mount("/a2a", routes=agents_a2a.routes),
         Mount("/", StaticFiles(directory=static, html=True), name="static"),
     ]
     app = Starlette(
