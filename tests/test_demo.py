@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 async def test_the_demo_runs_provisioned_and_shows_a_denial(
     settings: Settings, redis: aioredis.Redis, tmp_path: Path
 ) -> None:
-    """Runs until its output shows the denial, the notice to the intruder and honest traffic
-    (however slow the machine), then stops cleanly on SIGINT, as on Ctrl+C."""
+    """Runs until its output shows the denial, the notice to the intruder, honest traffic, a
+    schema denial and a trip log the gateway redacted (however slow the machine), then stops
+    cleanly on SIGINT, as on Ctrl+C."""
     env = {
         **os.environ,
         **cli_env(settings),
@@ -39,6 +40,14 @@ async def test_the_demo_runs_provisioned_and_shows_a_denial(
         ),
         "the notice to the intruder": re.compile(r"\[ *v9\] .*error notice from gateway"),
         "honest traffic": re.compile(rf"\(from v7, verified user {re.escape(vehicles)}\)"),
+        "a schema denial": re.compile(
+            r"denied .* on vehicle\.v9\.speed: schema: payload\.speed_kmh: a string is not of "
+            r"type 'number'"
+        ),
+        "a redacted trip log": re.compile(
+            r"monitor: vehicle\.v[78]\.trip +Sam Doe, \+\*\* \*\* \*\*\*\* 0958 +"
+            r"\(redacted by the gateway: payload\.contact\)"
+        ),
     }
     lines: list[str] = []
     try:
