@@ -3,6 +3,7 @@ decides what passes (deny by default, audit mode logs would-deny and passes)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from agents_reliability import Host, Peek, host, mesh_id, peek, subscriber, vhost_of
 from aio_pika.abc import AbstractIncomingMessage
-from helpers import running, take
+from helpers import decision_of, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Agent, Client, Message, RemoteError, Settings, on, rpc, topology
@@ -110,6 +111,12 @@ async def _dead_letter_of(broker: Peek, message_id: str) -> AbstractIncomingMess
             return dead
 
 
+async def _not_dead_lettered(broker: Peek, *message_ids: str) -> None:
+    """A denial is audited, not dead-lettered: none of ``message_ids`` is in ``mesh.dead``."""
+    dead = {mesh_id(d) for d in await broker.dead_letters_through_marker()}
+    assert dead.isdisjoint(message_ids)
+
+
 async def test_the_policy_decides_what_passes(
     settings: Settings,
     as_principal: Callable[[str], Settings],
@@ -122,22 +129,40 @@ async def test_the_policy_decides_what_passes(
     watcher = subscriber(monitor, Watch, agent_id="monitor")
     caplog.set_level(logging.WARNING, logger="mesh.gateway.authorize")
     async with running(Gateway(settings=gw), v7, watcher), peek(settings) as broker:
-        await v7.publish("vehicle.v7.speed", {"kmh": 80})
+        notices = await broker.tap(topology.INTERNAL_EXCHANGE, "_err.v7.*")
+        allowed = await v7.publish("vehicle.v7.speed", {"kmh": 80})
         [seen] = await take(watcher.seen, 1)
         assert seen.topic == "vehicle.v7.speed"
+        record = await decision_of(settings, allowed)
+        assert (record.decision, record.principal) == ("allowed", "vehicles")
 
-        # A vehicle speaks for itself only: denied, dead-lettered with the rule's reason.
+        # A vehicle speaks for itself only: denied with the rule's reason, audited for its
+        # principal and broker user, the sender told, and not dead-lettered.
         denied = await v7.publish("vehicle.v8.speed", {"kmh": 80})
-        dead = await _dead_letter_of(broker, denied)
-        reason = str((dead.headers or {})["x-mesh-reason"])
-        assert reason.startswith("denied by gateway authorize: publish 'vehicle.v8.speed'")
+        record = await decision_of(settings, denied)
+        assert (record.decision, record.stage) == ("denied", "authorize")
+        assert record.reason is not None
+        assert record.reason.startswith("publish 'vehicle.v8.speed'")
+        assert (record.principal, record.delegated_by) == ("vehicles", None)
+        assert record.user == broker_user(settings.namespace, "vehicles")
+        assert (record.agent, record.topic) == ("v7", "vehicle.v8.speed")
+        notice = json.loads((await broker.get(notices)).body)
+        assert (notice["message_id"], notice["stage"], notice["error"]) == (
+            denied, "authorize", record.reason
+        )
 
-        # Audit mode: would deny, passes, logged.
+        # Audit mode: would deny, passes, logged and audited as would-deny.
         debug = await v7.publish("vehicle.v7.debug.trace", {})
         [seen] = await take(watcher.seen, 1)
         assert seen.message_id == debug
         assert any("would deny publish 'vehicle.v7.debug.trace'" in r.getMessage()
                    for r in caplog.records)
+        record = await decision_of(settings, debug)
+        assert (record.decision, record.stage, record.principal) == (
+            "would-deny", "authorize", "vehicles"
+        )
+        assert record.reason is not None
+        assert record.reason.startswith("publish 'vehicle.v7.debug.trace'")
 
         # Requests: the monitor may ask a vehicle; a vehicle may not ask another.
         assert await watcher.request("v7", "status", {}, timeout=10) == {"vehicle": "v7"}
@@ -147,7 +172,9 @@ async def test_the_policy_decides_what_passes(
                 await v8.request("v7", "status", {}, timeout=30)
         assert caught.value.error_type == "Denied"
         assert "denied" in caught.value.detail
-        assert mesh_id(dead) == denied
+        await _not_dead_lettered(broker, denied)
+    # The denied event never reached the monitor.
+    assert watcher.seen.empty()
 
 
 async def test_an_agent_cannot_speak_as_another_principal(
@@ -160,11 +187,15 @@ async def test_an_agent_cannot_speak_as_another_principal(
     impostor = Agent("monitor", settings=vehicles)
     async with running(Gateway(settings=gw), impostor), peek(settings) as broker:
         sent = await impostor.publish("vehicle.v7.speed", {"kmh": 1})
-        # Its registry join was refused the same way, and may come first.
-        dead = await _dead_letter_of(broker, sent)
-    reason = str((dead.headers or {})["x-mesh-reason"])
-    assert "belongs to principal 'monitor'" in reason
-    assert broker_user(settings.namespace, "vehicles") in reason
+        record = await decision_of(settings, sent)
+        await _not_dead_lettered(broker, sent)
+    assert (record.decision, record.stage) == ("denied", "authorize")
+    assert record.reason is not None
+    assert "belongs to principal 'monitor'" in record.reason
+    assert broker_user(settings.namespace, "vehicles") in record.reason
+    # The user RabbitMQ verified, and no principal: it is not the one it claims.
+    assert (record.agent, record.principal) == ("monitor", None)
+    assert record.user == broker_user(settings.namespace, "vehicles")
 
 
 async def test_only_a_delegating_principal_may_act_on_behalf_of_another(
@@ -184,10 +215,20 @@ async def test_only_a_delegating_principal_may_act_on_behalf_of_another(
         note = await relay.publish("notes.today", {}, headers={H_ON_BEHALF_OF: "viewer"})
         [seen] = await take(reader.seen, 1)
         assert seen.message_id == note
+        # Decided for the token principal, delegated by the bridge.
+        record = await decision_of(settings, note)
+        assert record.decision == "allowed"
+        assert (record.principal, record.delegated_by) == ("viewer", "bridge")
+        assert record.user == broker_user(settings.namespace, "bridge")
 
         forged = await v7.publish("vehicle.v7.speed", {}, headers={H_ON_BEHALF_OF: "viewer"})
-        dead = await _dead_letter_of(broker, forged)
-    assert "may not act on behalf of others" in str((dead.headers or {})["x-mesh-reason"])
+        record = await decision_of(settings, forged)
+        await _not_dead_lettered(broker, forged)
+    assert (record.decision, record.stage) == ("denied", "authorize")
+    assert record.reason is not None
+    assert "may not act on behalf of others" in record.reason
+    # Refused as itself: no delegation was accepted.
+    assert (record.principal, record.delegated_by) == ("vehicles", None)
 
 
 async def test_operators_control_agents_and_agents_do_not(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import Counter
 
 import pytest
-from agents_reliability import Host, Service, counts_are, drain, peek, user_of
-from helpers import eventually, running, take
+from agents_reliability import Host, Service, counts_are, drain, mesh_id, peek, user_of
+from helpers import decision_of, eventually, running, take
 
 from mesh import RemoteError, Settings, topology
 from mesh.devservices import BrokerAdmin
@@ -41,41 +42,56 @@ def anonymous(agent: Host) -> Host:
 async def test_event_without_user_id_is_denied(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """No user_id: not delivered, dead-lettered with the reason, and the sender is told."""
+    """No user_id: not delivered, recorded as denied with the reason (not dead-lettered),
+    and the sender is told."""
     service = Service("svc", settings=settings)
     sender = Host("anon", settings=settings)
     async with running(Gateway(settings=settings), service, sender), peek(settings) as broker:
         anonymous(sender)
         notices = await broker.tap(topology.INTERNAL_EXCHANGE, "_err.#")
         message_id = await sender.publish("news.flash", {"text": "unverified"})
-        dead = await broker.dead_letter(message_id)
+        record = await decision_of(settings, message_id)
         notice = await broker.get(notices)
         await eventually(lambda: "error notice" in caplog.text)
+        dead = await broker.dead_letters_through_marker()
         # A verified message published afterwards arrives, the denied one never does.
         await service.publish("news.after", {})
         received = await take(service.seen, 1)
     assert [m.topic for m in received] == ["news.after"]
-    assert "user_id" in str(dead.headers[H_REASON])
-    assert "authenticate" in str(dead.headers[H_REASON])
+    assert (record.decision, record.stage) == ("denied", "authenticate")
+    assert record.reason is not None and "user_id" in record.reason
+    assert (record.user, record.agent, record.topic) == (None, "anon", "news.flash")
+    assert message_id not in [mesh_id(d) for d in dead]
     assert notice.routing_key == topology.error_key("anon", sender.instance)
     assert notice.type == "error"
     assert "user_id" in str(notice.headers[H_REASON])
+    body = json.loads(notice.body)
+    assert (body["message_id"], body["stage"], body["error"]) == (
+        message_id, "authenticate", record.reason
+    )
 
 
 async def test_request_without_user_id_fails_fast_with_remote_error(settings: Settings) -> None:
-    """A request the gateway denies answers the caller with RemoteError, not a timeout."""
+    """A request the gateway denies answers the caller with RemoteError, not a timeout; the
+    denial is recorded, not dead-lettered, and the handler never runs."""
     service = Service("svc", settings=settings)
     caller = Host("caller", settings=settings)
     async with running(Gateway(settings=settings), service, caller), peek(settings) as broker:
         anonymous(caller)
+        replies = await broker.tap(topology.INTERNAL_EXCHANGE, caller.reply_to)
         with pytest.raises(RemoteError) as failure:
             await caller.request("svc", "echo", {"x": 1}, timeout=20)
-        dead = await broker.dead_letter()
+        notice = json.loads((await broker.get(replies)).body)
+        record = await decision_of(settings, notice["message_id"])
+        dead = await broker.dead_letters_through_marker()
     assert failure.value.error_type == "Denied"
     assert "user_id" in failure.value.detail
-    assert dead.routing_key == topology.request_key("svc", "echo")
-    assert dead.type == "request"
-    assert "user_id" in str(dead.headers[H_REASON])
+    assert (record.decision, record.stage, record.reason) == (
+        "denied", "authenticate", failure.value.detail
+    )
+    assert record.topic == topology.request_key("svc", "echo")
+    assert record.type == "request"
+    assert notice["message_id"] not in [mesh_id(d) for d in dead]
     assert service.seen.empty()
 
 
@@ -98,7 +114,8 @@ async def test_relayed_message_carries_the_verified_user(settings: Settings) -> 
 async def test_audit_log_records_user_agent_and_routing_key(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Each relayed message gets an audit record naming its user, agent and routing key."""
+    """Each relayed message gets an audit record naming its user, agent and routing key, in
+    the audit trail and in the log line's ``audit`` dict alike."""
     caplog.set_level(logging.INFO, logger=AUDIT_LOGGER)
     service = Service("svc", settings=settings)
     sender = Host("pub", settings=settings)
@@ -109,21 +126,33 @@ async def test_audit_log_records_user_agent_and_routing_key(
         }
         await take(service.seen, 2)
         assert await sender.request("svc", "echo", {"x": 1}) == {"x": 1}
-    audits = {
-        r.audit["message_id"]: r.audit for r in caplog.records
+        trail = {message_id: await decision_of(settings, message_id) for message_id in sent}
+    logged = {
+        r.audit["message_id"]: r for r in caplog.records
         if r.name == AUDIT_LOGGER and hasattr(r, "audit")
     }
+    audits = {message_id: r.audit for message_id, r in logged.items()}
     for message_id, topic in sent.items():
-        assert audits[message_id]["user"] == user_of(settings)
-        assert audits[message_id]["agent"] == "pub"
-        assert audits[message_id]["instance"] == sender.instance
-        assert audits[message_id]["routing_key"] == topic
-        assert audits[message_id]["type"] == "event"
-    by_key = {a["routing_key"]: a for a in audits.values()}
+        record = trail[message_id]
+        assert record.decision == "allowed"
+        assert (record.stage, record.reason) == (None, None)
+        assert record.user == user_of(settings)
+        assert record.agent == "pub"
+        assert record.instance == sender.instance
+        assert record.topic == topic
+        assert record.type == "event"
+        assert record.payload_sha256 is not None and len(record.payload_sha256) == 64
+        # The log line carries the very record the trail keeps.
+        assert audits[message_id] == record.model_dump(mode="json", exclude_none=True)
+        assert logged[message_id].getMessage() == (
+            f"allowed {message_id} from {user_of(settings)}/pub (-) on {topic}"
+        )
+    by_key = {a["topic"]: a for a in audits.values()}
     assert by_key[topology.request_key("svc", "echo")]["agent"] == "pub"
     assert by_key[topology.request_key("svc", "echo")]["type"] == "request"
     assert by_key[sender.reply_to]["agent"] == "svc"
     assert by_key[sender.reply_to]["type"] == "reply"
+    assert all(a["decision"] == "allowed" for a in by_key.values())
 
 
 async def test_burst_is_relayed_completely_and_the_policy_queue_drains(

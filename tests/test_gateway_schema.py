@@ -11,13 +11,11 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import pytest
-from agents_reliability import Host, Peek, host, mesh_id, peek, subscriber, vhost_of
-from aio_pika.abc import AbstractIncomingMessage
-from helpers import mesh_cli, running, take
+from agents_reliability import Host, host, mesh_id, peek, subscriber, vhost_of
+from helpers import decision_of, mesh_cli, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, RemoteError, Settings, on, rpc, topology
-from mesh.envelope import H_REASON
 from mesh.gateway import Gateway
 from mesh.gateway.relay import Relay
 from mesh.management import ManagementAPI
@@ -118,15 +116,12 @@ def url_as(url: str, user: str, password: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-def reason_of(message: AbstractIncomingMessage) -> str:
-    return str((message.headers or {})[H_REASON])
-
-
-async def dead_letter_of(broker: Peek, message_id: str) -> AbstractIncomingMessage:
-    while True:
-        dead = await broker.dead_letter()
-        if mesh_id(dead) == message_id:
-            return dead
+async def schema_denial(settings: Settings, message_id: str) -> str:
+    """The reason the schema stage denied ``message_id`` for, from the audit trail."""
+    record = await decision_of(settings, message_id)
+    assert (record.decision, record.stage) == ("denied", "schema")
+    assert record.reason is not None
+    return record.reason
 
 
 async def test_events_follow_the_schema_version_they_name_or_are_denied(
@@ -143,43 +138,49 @@ async def test_events_follow_the_schema_version_they_name_or_are_denied(
         [seen] = await take(watcher.seen, 1)
         assert (seen.payload, seen.schema_id) == (reading, "reading@1")
 
-        # A failing payload: dead-lettered with the path and reason, and the sender told.
+        # A failing payload: denied with the path and reason, audited, and the sender told.
         bad = await v7.publish(
             "vehicle.v7.speed", {"vehicle": "v7", "speed_kmh": "fast"}, schema="reading@1"
         )
         expected = "payload.speed_kmh: a string is not of type 'number' (reading@1)"
-        dead = await dead_letter_of(broker, bad)
-        assert reason_of(dead) == f"denied by gateway schema: {expected}"
-        notice = await broker.get(notices)
-        assert json.loads(notice.body) == {
+        record = await decision_of(gw, bad)
+        assert (record.decision, record.stage, record.reason) == ("denied", "schema", expected)
+        assert (record.principal, record.agent) == ("vehicles", "v7")
+        notice = json.loads((await broker.get(notices)).body)
+        assert notice == {
             "error": expected,
             "type": "Denied",
             "stage": "schema",
             "message_id": bad,
+            "audit": notice["audit"],
         }
+        assert isinstance(notice["audit"], str) and notice["audit"]
 
         # Version 2 is the pydantic model, which bounds the speed.
         too_fast = await v7.publish(
             "vehicle.v7.speed", {"vehicle": "v7", "speed_kmh": 500}, schema="reading@2"
         )
-        assert reason_of(await dead_letter_of(broker, too_fast)).endswith(
+        assert (await schema_denial(gw, too_fast)).endswith(
             "payload.speed_kmh: a number is greater than the maximum of 400 (reading@2)"
         )
         unnamed = await v7.publish("vehicle.v7.speed", reading)
-        assert reason_of(await dead_letter_of(broker, unnamed)).endswith(
+        assert (await schema_denial(gw, unnamed)).endswith(
             "the message names no schema (x-mesh-schema); 'vehicle.v7.speed' accepts "
             "reading@1, reading@2"
         )
         unknown = await v7.publish("vehicle.v7.speed", reading, schema="reading@7")
-        assert reason_of(await dead_letter_of(broker, unknown)).endswith(
+        assert (await schema_denial(gw, unknown)).endswith(
             "x-mesh-schema 'reading@7' is not accepted on 'vehicle.v7.speed' "
             "(accepted: reading@1, reading@2)"
         )
         unchecked = await v7.publish("vehicle.v7.debug", {"trace": 1})
-        assert reason_of(await dead_letter_of(broker, unchecked)).endswith(
+        assert (await schema_denial(gw, unchecked)).endswith(
             "the policy requires a schema on 'vehicle.v7.debug' (require: 'vehicle.#') and "
             "declares none for it"
         )
+        # None of them was dead-lettered: a denial is the audit trail's.
+        dead = {mesh_id(d) for d in await broker.dead_letters_through_marker()}
+        assert dead.isdisjoint({bad, too_fast, unnamed, unknown, unchecked})
 
         # Only what passed arrives, in order.
         await v7.publish("vehicle.v7.speed", {**reading, "speed_kmh": 90}, schema="reading@2")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
-from agents_reliability import Host, drain, host, peek, subscriber
-from helpers import running, take
+from agents_reliability import Host, drain, host, mesh_id, peek, subscriber
+from helpers import decision_of, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Agent, Client, Message, Settings, TopicError, on, on_registry, rpc, topology
@@ -69,9 +70,13 @@ async def test_registry_events_reach_on_registry_handlers(settings: Settings) ->
 
 async def test_user_lane_refuses_the_mesh_keys_and_the_other_way_round(settings: Settings) -> None:
     """A ``_`` key sent to ``mesh.policy``, or a user topic sent to ``mesh.policy.internal``,
-    is denied by the gateway (no lane may carry the other's traffic)."""
+    is denied by the gateway (no lane may carry the other's traffic): audited with the
+    reason, the sender told, not dead-lettered, and never delivered."""
     sender = Agent("sender", settings=settings)
-    async with running(Gateway(settings=settings), sender), peek(settings) as broker:
+    watcher = subscriber(settings, Everything, agent_id="watcher")
+    async with running(Gateway(settings=settings), sender, watcher), peek(settings) as broker:
+        notices = await broker.tap(topology.INTERNAL_EXCHANGE, "_err.sender.*")
+        refused = []
         for exchange, key in (
             (topology.POLICY_EXCHANGE, "_registry.join"),
             (topology.INTERNAL_POLICY_EXCHANGE, "user.event"),
@@ -80,8 +85,18 @@ async def test_user_lane_refuses_the_mesh_keys_and_the_other_way_round(settings:
             await sender.transport.publish(
                 exchange, key, to_amqp(message, user_id=sender.transport.user)
             )
-            dead = await broker.dead_letter(message.message_id)
-            assert "travels on" in str((dead.headers or {}).get("x-mesh-reason"))
+            record = await decision_of(settings, message.message_id)
+            assert (record.decision, record.stage, record.topic) == ("denied", "decode", key)
+            assert record.reason is not None and "travels on" in record.reason
+            notice = json.loads((await broker.get(notices)).body)
+            assert (notice["message_id"], notice["error"]) == (message.message_id, record.reason)
+            refused.append(message.message_id)
+        dead = {mesh_id(d) for d in await broker.dead_letters_through_marker()}
+        assert dead.isdisjoint(refused)
+        # A user event on its own lane arrives; the refused one never did.
+        await sender.publish("user.after", {})
+        assert await take(watcher.seen, 1) == ["user.after"]
+        assert drain(watcher.seen) == []
 
 
 class WatchOld(SubscriberBehaviour):

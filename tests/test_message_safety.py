@@ -19,7 +19,7 @@ from agents_reliability import (
     vhost_of,
 )
 from aio_pika.abc import AbstractIncomingMessage
-from helpers import eventually, running, take
+from helpers import decision_of, eventually, running, take
 from pydantic import BaseModel
 
 from behaviours import OneShotBehaviour, SubscriberBehaviour
@@ -256,8 +256,15 @@ async def test_gateway_denies_control_commands_other_than_ping(
         [denied] = replies
         assert denied.payload["stage"] == "guard"
         assert "ping" in denied.payload["error"]
-        dead = await broker.dead_letter()
-        assert dead.routing_key == topology.control_key("gateway", command)
+        # Audited as denied by the guard, with the reason the client was told; not
+        # dead-lettered.
+        command_id = denied.payload["message_id"]
+        record = await decision_of(settings, command_id)
+        assert (record.decision, record.stage, record.reason) == (
+            "denied", "guard", denied.payload["error"]
+        )
+        assert record.topic == topology.control_key("gateway", command)
+        assert command_id not in [mesh_id(d) for d in await broker.dead_letters_through_marker()]
         await assert_relay_runs(gateway, client, service)
         await assert_gateway_answers_ping(client)
 

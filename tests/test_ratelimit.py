@@ -16,8 +16,7 @@ from pydantic import ValidationError
 
 from mesh.config import Settings
 from mesh.devservices import Services
-from mesh.envelope import H_ON_BEHALF_OF
-from mesh.gateway.pipeline import Denied, Passage
+from mesh.gateway.pipeline import Denied, Passage, Unavailable
 from mesh.gateway.ratelimit import RateLimit, RateLimited
 from mesh.policy import parse_policy
 from mesh.ratelimit import LimitSpec, RateLimiter, RateLimitUnavailable, Verdict, parse_rate
@@ -344,6 +343,16 @@ def stage_for(redis: aioredis.Redis, namespace: str) -> RateLimit:
     return RateLimit(policy, RateLimiter(redis, namespace, limits(**STAGE_LIMITS)))
 
 
+def passage(
+    incoming: AbstractIncomingMessage,
+    topic: str,
+    principal: str | None = None,
+    delegated_by: str | None = None,
+) -> Passage:
+    """A passage as authorize leaves it: ``principal`` (and ``delegated_by``) decided."""
+    return Passage(incoming, topic, principal=principal, delegated_by=delegated_by)
+
+
 async def test_the_stage_refuses_naming_the_limit_and_the_wait(
     redis: aioredis.Redis,
     namespace: str,
@@ -352,9 +361,9 @@ async def test_the_stage_refuses_naming_the_limit_and_the_wait(
     stage = stage_for(redis, namespace)
     v7, monitor = await delivered("v7"), await delivered("monitor")
     for _ in range(2):
-        await stage(Passage(v7, "vehicle.v7.speed"))
+        await stage(passage(v7, "vehicle.v7.speed", principal="vehicles"))
     with pytest.raises(RateLimited) as refused:
-        await stage(Passage(v7, "vehicle.v7.speed"))
+        await stage(passage(v7, "vehicle.v7.speed", principal="vehicles"))
     assert isinstance(refused.value, Denied)
     assert refused.value.stage == "rate-limit"
     assert refused.value.limit == "telemetry"
@@ -363,12 +372,20 @@ async def test_the_stage_refuses_naming_the_limit_and_the_wait(
         "limit 'telemetry' (1/min for fleet on vehicle.#): retry after "
     )
     assert refused.value.reason.endswith(" s")
+    # The sender's notice names the limit and the wait besides the reason.
+    assert refused.value.notice() == {
+        "error": refused.value.reason,
+        "type": "Denied",
+        "stage": "rate-limit",
+        "limit": "telemetry",
+        "retry_after": refused.value.retry_after_s,
+    }
     # The mesh's own traffic is never limited ("watching" is on every topic).
     for _ in range(3):
-        await stage(Passage(monitor, "_req.v7.status"))
-    await stage(Passage(monitor, "vehicle.v7.speed"))
+        await stage(passage(monitor, "_req.v7.status", principal="monitor"))
+    await stage(passage(monitor, "vehicle.v7.speed", principal="monitor"))
     with pytest.raises(RateLimited, match="limit 'watching' \\(1/min for monitor on #\\)"):
-        await stage(Passage(monitor, "vehicle.v7.speed"))
+        await stage(passage(monitor, "vehicle.v7.speed", principal="monitor"))
 
 
 async def test_the_stage_counts_on_behalf_of_the_token_principal(
@@ -376,30 +393,35 @@ async def test_the_stage_counts_on_behalf_of_the_token_principal(
     namespace: str,
     delivered: Callable[[str], Awaitable[AbstractIncomingMessage]],
 ) -> None:
+    """Authorize decided for the token principal (``Passage.principal``): the stage counts
+    its events, not the delegating bridge's."""
     stage = stage_for(redis, namespace)
     bridge = await delivered("bridge")
-    for_viewer = {H_ON_BEHALF_OF: "viewer"}
-    await stage(Passage(bridge, "notes.a", headers=dict(for_viewer)))
+    for_viewer = {"principal": "viewer", "delegated_by": "bridge"}
+    await stage(passage(bridge, "notes.a", **for_viewer))
     with pytest.raises(RateLimited, match="limit 'notes'"):
-        await stage(Passage(bridge, "notes.a", headers=dict(for_viewer)))
+        await stage(passage(bridge, "notes.a", **for_viewer))
     assert await redis.exists(stage.limiter.key("notes", "viewer"))
     # The bridge's own bucket is untouched.
-    await stage(Passage(bridge, "notes.a"))
-    with pytest.raises(Denied, match="'bridge' cannot act on behalf of 'nobody'"):
-        await stage(Passage(bridge, "notes.a", headers={H_ON_BEHALF_OF: "nobody"}))
-    with pytest.raises(Denied, match="agent 'x1' is no principal of the policy"):
-        await stage(Passage(await delivered("x1"), "notes.a"))
+    await stage(passage(bridge, "notes.a", principal="bridge"))
+    # No principal decided (no authorize before it, or an unknown one): refused, not counted.
+    with pytest.raises(Denied, match=r"no principal of the policy sent 'notes\.a'"):
+        await stage(passage(await delivered("x1"), "notes.a"))
+    with pytest.raises(Denied, match=r"no principal of the policy sent 'notes\.a'"):
+        await stage(passage(bridge, "notes.a", principal="nobody"))
 
 
 async def test_the_stage_fails_closed_without_redis(
     namespace: str, delivered: Callable[[str], Awaitable[AbstractIncomingMessage]]
 ) -> None:
+    """Redis unreachable: ``Unavailable`` (the gateway closes its gate and waits), never a
+    pass and never a denial."""
     closed = aioredis.Redis.from_url(
         f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1
     )
     try:
         stage = stage_for(closed, namespace)
-        with pytest.raises(RateLimitUnavailable):
-            await stage(Passage(await delivered("v7"), "vehicle.v7.speed"))
+        with pytest.raises(Unavailable, match="rate limits: "):
+            await stage(passage(await delivered("v7"), "vehicle.v7.speed", principal="vehicles"))
     finally:
         await closed.aclose()

@@ -5,12 +5,15 @@ before the request's deadline, whichever gateway replica the request and the rep
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from agents_core import Recorder, Slow
-from agents_reliability import Service, peek
-from helpers import PrivateRedis, eventually, mesh_cli, running, take
+from agents_reliability import Peek, Service, mesh_id, peek, user_of
+from aio_pika.abc import AbstractQueue
+from helpers import PrivateRedis, decision_of, eventually, mesh_cli, running, take
 
 from mesh import (
     Agent,
@@ -22,7 +25,7 @@ from mesh import (
     Settings,
     topology,
 )
-from mesh.envelope import H_REASON
+from mesh.audit import AuditRecord
 from mesh.gateway import Gateway
 from mesh.gateway.replies import NO_BINDING
 
@@ -31,8 +34,29 @@ def binding_key(settings: Settings, caller: Agent, correlation_id: str | None) -
     return f"{settings.namespace}:replies:{caller.reply_to}:{correlation_id}"
 
 
-def reason(dead: object) -> str:
-    return str((getattr(dead, "headers", None) or {}).get(H_REASON))
+async def denied(settings: Settings, message_id: str | None, reason: str) -> AuditRecord:
+    """The audit record of the replies stage's denial of ``message_id``, naming ``reason``."""
+    assert message_id is not None
+    record = await decision_of(settings, message_id)
+    assert (record.decision, record.stage) == ("denied", "replies")
+    assert record.reason is not None and reason in record.reason, record.reason
+    return record
+
+
+async def notice_of(broker: Peek, notices: AbstractQueue, message_id: str | None) -> dict[str, Any]:
+    """The gateway's error notice about ``message_id`` among those ``notices`` taps."""
+    while True:
+        notice = await broker.get(notices)
+        body = json.loads(notice.body)
+        if body.get("message_id") == message_id:
+            assert notice.type == "error" and notice.app_id == "gateway"
+            return dict(body)
+
+
+async def none_dead_lettered(broker: Peek, *message_ids: str | None) -> None:
+    """A denial is audited, not dead-lettered: none of ``message_ids`` is in ``mesh.dead``."""
+    dead = {mesh_id(d) for d in await broker.dead_letters_through_marker()}
+    assert dead.isdisjoint(message_ids)
 
 
 def forged_reply(
@@ -53,8 +77,9 @@ async def test_forged_reply_is_denied_at_the_gateway_and_never_reaches_the_calle
     settings: Settings, redis: aioredis.Redis
 ) -> None:
     """A reply with the right correlation id from an agent that was not asked is denied by
-    the gateway with the reason and dead-lettered; the caller's inbox gets only the real
-    reply.  The binding names the addressed agent and lives as long as the request."""
+    the gateway: audited with the reason, the sender told, not dead-lettered; the caller's
+    inbox gets only the real reply.  The binding names the addressed agent and lives as
+    long as the request."""
     slow = Slow("slow", settings=settings)
     caller = Agent("caller", settings=settings)
     forger = Client("mallory", settings=settings)
@@ -62,6 +87,9 @@ async def test_forged_reply_is_denied_at_the_gateway_and_never_reaches_the_calle
         settings
     ) as broker:
         inbox = await broker.tap(topology.INTERNAL_EXCHANGE, caller.reply_to)
+        notices = await broker.tap(
+            topology.INTERNAL_EXCHANGE, topology.error_key(forger.id, forger.instance)
+        )
         asking = asyncio.create_task(caller.request("slow", "work", {}, timeout=20))
         [(_, request)] = await take(slow.received, 1)
         key = binding_key(settings, caller, request.correlation_id)
@@ -70,10 +98,13 @@ async def test_forged_reply_is_denied_at_the_gateway_and_never_reaches_the_calle
 
         forged = forged_reply(forger, caller, request.correlation_id)
         await forger.send(forged, caller.reply_to)
-        dead = await broker.dead_letter(forged.message_id)
-        assert dead.routing_key == caller.reply_to
-        assert "denied by gateway replies" in reason(dead)
-        assert "reply from 'mallory' to a request addressed to 'slow'" in reason(dead)
+        why = "reply from 'mallory' to a request addressed to 'slow'"
+        record = await denied(settings, forged.message_id, why)
+        assert (record.topic, record.agent, record.type) == (caller.reply_to, "mallory", "reply")
+        notice = await notice_of(broker, notices, forged.message_id)
+        assert (notice["type"], notice["stage"], notice["error"]) == (
+            "Denied", "replies", record.reason
+        )
         # The forgery did not use the binding up: the real reply still passes.
         assert await redis.get(key) == b"slow"
 
@@ -84,6 +115,7 @@ async def test_forged_reply_is_denied_at_the_gateway_and_never_reaches_the_calle
         first = await broker.get(inbox)
         assert first.app_id == "slow"
         assert await redis.exists(key) == 0
+        await none_dead_lettered(broker, forged.message_id)
 
 
 async def test_second_reply_is_denied(settings: Settings, redis: aioredis.Redis) -> None:
@@ -91,15 +123,22 @@ async def test_second_reply_is_denied(settings: Settings, redis: aioredis.Redis)
     svc = Service("svc", settings=settings)
     caller = Agent("caller", settings=settings)
     async with running(Gateway(settings=settings), svc, caller), peek(settings) as broker:
+        inbox = await broker.tap(topology.INTERNAL_EXCHANGE, caller.reply_to)
+        notices = await broker.tap(
+            topology.INTERNAL_EXCHANGE, topology.error_key(svc.id, svc.instance)
+        )
         assert await caller.request("svc", "echo", {"n": 1}, timeout=10) == {"n": 1}
         [request] = await take(svc.seen, 1)
         assert await redis.exists(binding_key(settings, caller, request.correlation_id)) == 0
 
-        await svc.reply(request, {"n": 2})
-        dead = await broker.dead_letter()
-        assert dead.routing_key == caller.reply_to
-        assert dead.app_id == "svc"
-        assert NO_BINDING in reason(dead)
+        again = svc._message(
+            caller.reply_to, {"n": 2}, type=MessageType.REPLY,
+            correlation_id=request.correlation_id,
+        )
+        await svc.send(again, again.topic)
+        record = await denied(settings, again.message_id, NO_BINDING)
+        assert (record.topic, record.agent) == (caller.reply_to, "svc")
+        assert (await notice_of(broker, notices, again.message_id))["stage"] == "replies"
         # An error on the caller's error route is checked the same way.
         error = svc._message(
             topology.error_key(caller.id, caller.instance),
@@ -108,8 +147,12 @@ async def test_second_reply_is_denied(settings: Settings, redis: aioredis.Redis)
             correlation_id=request.correlation_id,
         )
         await svc.send(error, error.topic)
-        dead = await broker.dead_letter(error.message_id)
-        assert NO_BINDING in reason(dead)
+        record = await denied(settings, error.message_id, NO_BINDING)
+        assert record.type == "error"
+        await none_dead_lettered(broker, again.message_id, error.message_id)
+        # Only the one reply ever reached the caller's route.
+        assert (await broker.get(inbox)).app_id == "svc"
+        assert await inbox.get(no_ack=True, fail=False) is None
 
 
 async def test_reply_after_the_deadline_is_denied(
@@ -119,6 +162,10 @@ async def test_reply_after_the_deadline_is_denied(
     slow = Slow("slow", settings=settings)
     caller = Agent("caller", settings=settings)
     async with running(Gateway(settings=settings), slow, caller), peek(settings) as broker:
+        inbox = await broker.tap(topology.INTERNAL_EXCHANGE, caller.reply_to)
+        notices = await broker.tap(
+            topology.INTERNAL_EXCHANGE, topology.error_key(slow.id, slow.instance)
+        )
         asking = asyncio.create_task(caller.request("slow", "work", {}, timeout=1.5))
         [(_, request)] = await take(slow.received, 1)
         key = binding_key(settings, caller, request.correlation_id)
@@ -128,10 +175,14 @@ async def test_reply_after_the_deadline_is_denied(
         await eventually(lambda: _gone(redis, key))
 
         slow.events["release"].set()
-        dead = await broker.dead_letter()
-        assert dead.routing_key == caller.reply_to
-        assert dead.app_id == "slow"
-        assert NO_BINDING in reason(dead)
+        # The late reply's sender is told; its notice names the message denied.
+        late = json.loads((await broker.get(notices)).body)
+        record = await denied(settings, late["message_id"], NO_BINDING)
+        assert (record.topic, record.agent, record.type) == (caller.reply_to, "slow", "reply")
+        assert record.correlation_id == request.correlation_id
+        assert (late["stage"], late["error"]) == ("replies", record.reason)
+        await none_dead_lettered(broker, late["message_id"])
+        assert await inbox.get(no_ack=True, fail=False) is None
 
 
 async def _gone(redis: aioredis.Redis, key: str) -> bool:
@@ -185,8 +236,12 @@ async def test_control_to_all_collects_one_answer_per_instance(
 
         again = forged_reply(forger, client, correlation_id, app_id="alpha", instance="a1")
         await forger.send(again, client.reply_to)
-        dead = await broker.dead_letter(again.message_id)
-        assert "alpha/a1 answered this control command already" in reason(dead)
+        record = await denied(
+            settings, again.message_id, "alpha/a1 answered this control command already"
+        )
+        # The record has the claims and the broker user that really sent it.
+        assert (record.agent, record.instance) == ("alpha", "a1")
+        assert record.user == user_of(settings)
 
         # A command to alpha takes answers from both its instances, and none from beta.
         answers = await client.control("alpha", "ping", timeout=10)
@@ -195,8 +250,9 @@ async def test_control_to_all_collects_one_answer_per_instance(
             forger, client, answers[0].correlation_id, app_id="beta", instance="b1"
         )
         await forger.send(stray, client.reply_to)
-        dead = await broker.dead_letter(stray.message_id)
-        assert "reply from 'beta' to a request addressed to 'alpha'" in reason(dead)
+        why = "reply from 'beta' to a request addressed to 'alpha'"
+        await denied(settings, stray.message_id, why)
+        await none_dead_lettered(broker, again.message_id, stray.message_id)
 
 
 async def test_request_reply_and_mesh_ping_keep_working(
