@@ -103,7 +103,7 @@ async def test_a_limit_naming_an_unknown_principal_fails_to_load(
     limit = '  telemetry: {who: vehicles, topics: "vehicle.#", rate: 1/min, burst: 2}'
     policy.write_text(POLICY.replace(limit, limit.replace("vehicles", "[vehicles, trucks]")))
     line = POLICY.splitlines().index(limit) + 1
-    expected = f"{policy}:{line}: unknown principal or role 'trucks'"
+    expected = f"{policy}:{line}: rate limit 'telemetry': unknown principal or role 'trucks'"
     with pytest.raises(PolicyError) as caught:
         load_policy(policy)
     [problem] = caught.value.lines()

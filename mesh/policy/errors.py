@@ -53,7 +53,12 @@ def describe(path: Location) -> str:
         assert isinstance(path[3], int)
         return f"{path[1]} rule {path[3] + 1}"
     if depth == 2:
-        what = {"principals": "principal", "roles": "role", "rule_sets": "rule set"}[str(path[0])]
+        what = {
+            "principals": "principal",
+            "roles": "role",
+            "rule_sets": "rule set",
+            "rate_limits": "rate limit",
+        }[str(path[0])]
         return f"{what} {path[1]!r}"
     return ""
 
@@ -67,6 +72,6 @@ def _depth(path: Location) -> int:
     # How much of the path describe() names: a rule, a principal, role or rule set, or nothing.
     if len(path) >= 4 and path[0] == "rule_sets" and path[2] == "rules":
         return 4
-    if len(path) >= 2 and path[0] in ("principals", "roles", "rule_sets"):
+    if len(path) >= 2 and path[0] in ("principals", "roles", "rule_sets", "rate_limits"):
         return 2
     return 0
