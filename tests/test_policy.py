@@ -141,7 +141,8 @@ def test_the_example_policy_is_valid_and_allows_what_the_demo_does() -> None:
         ),
         pytest.param(
             "principals: {}\nrulez: []\n",
-            "policy.yaml:2: unknown key 'rulez' (expected principals, roles, rule_sets, schemas, rate_limits, dlp)",
+            "policy.yaml:2: unknown key 'rulez' (expected principals, roles, rule_sets, schemas, "
+            "rate_limits, dlp)",
             id="unknown key at the top",
         ),
         pytest.param(
@@ -269,7 +270,8 @@ def test_the_example_policy_is_valid_and_allows_what_the_demo_does() -> None:
         ),
         pytest.param(
             "",
-            "policy.yaml:1: empty policy (expected principals, roles, rule_sets, schemas, rate_limits, dlp)",
+            "policy.yaml:1: empty policy (expected principals, roles, rule_sets, schemas, "
+            "rate_limits, dlp)",
             id="empty",
         ),
         pytest.param(
