@@ -2,8 +2,8 @@
 
 The replica running a task writes each event with the task itself (``RedisTaskStore``), to
 the stream ``<namespace>:a2a:events:<id>``; so ``publish`` has nothing left to do, and a
-subscriber elsewhere reads that stream every ``poll`` seconds (no blocking read: the bridge's
-Redis connection has a short socket timeout, and its user may not use pub/sub).
+subscriber elsewhere reads that stream every ``poll`` seconds (the bridge's Redis user may
+not use pub/sub, and a blocking read would hold a Redis connection per subscriber).
 """
 
 from __future__ import annotations
