@@ -35,6 +35,7 @@ from mesh.metrics import Metrics
 from mesh.registry import AgentRecord, BehaviourRecord, InstanceRecord, Registry
 from mesh.retry import Retries
 from mesh.state import Change, StateError, StateSlot, StateStore, as_change
+from mesh.tls import redis_tls_options
 from mesh.transport import Transport, settle
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class Agent(Service):
             socket_timeout=self.settings.heartbeat_interval,
             socket_connect_timeout=self.settings.heartbeat_interval,
             retry=RedisRetry(NoBackoff(), 0),
+            **redis_tls_options(self.settings),
         )
         self.registry = Registry(self.redis, self.settings.namespace, self.settings.heartbeat_ttl)
         self.state_store = StateStore(self.redis, self.settings.namespace)

@@ -75,6 +75,13 @@ class Settings(BaseModel):
     gateway`` processes; none: no such port (0: any free one, logged)."""
     health_host: str = "0.0.0.0"
     """The address the health port listens on (every interface, for Kubernetes' probes)."""
+    tls_ca_file: str | None = None
+    """The CA certificate (PEM) that verifies RabbitMQ and Redis over ``amqps://`` /
+    ``rediss://``; none: the system's trust store."""
+    tls_cert_file: str | None = None
+    """This process's client certificate (PEM) for ``amqps://`` and ``rediss://``."""
+    tls_key_file: str | None = None
+    """The client certificate's private key (PEM); none: it is in ``tls_cert_file``."""
     audit_key: SecretStr | None = None
     """The gateway's audit-trail secret (the HMAC-SHA256 key, 32 characters or more); never
     stored in Redis nor logged.  Or ``audit_key_file``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 import aio_pika
@@ -92,9 +93,18 @@ logging.getLogger("aiormq.connection").addFilter(_quiet)
 
 
 async def connect(
-    url: str, name: str, *, where: str, vhost: str, user: str, wait: float
+    url: str,
+    name: str,
+    *,
+    where: str,
+    vhost: str,
+    user: str,
+    wait: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AbstractRobustConnection:
     """Connect to ``url``, trying again for ``wait`` seconds while the broker is unreachable.
+
+    ``ssl_context`` (for ``amqps://``) verifies the broker and holds the client certificate.
 
     A refused login or vhost fails at once: waiting does not fix a wrong password.
     """
@@ -107,6 +117,7 @@ async def connect(
                 url,
                 client_properties={"connection_name": name},
                 connection_class=BackoffConnection,
+                ssl_context=ssl_context,
             )
             return connection
         except aiormq.exceptions.ProbableAuthenticationError:

@@ -28,6 +28,7 @@ from aiormq.abc import DeliveredMessage
 from mesh.config import Settings
 from mesh.connection import BackoffConnection, connect
 from mesh.metrics import Metrics
+from mesh.tls import amqp_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ class Transport:
             vhost=self._vhost(),
             user=self.user,
             wait=self.settings.connect_timeout,
+            ssl_context=amqp_ssl_context(self.settings),
         )
 
     def _where(self) -> str:

@@ -20,6 +20,7 @@ from mesh.agent import Agent, RemoteError, RequestTimeout
 from mesh.client import Client
 from mesh.config import ConfigError, Settings
 from mesh.connection import BrokerUnavailable
+from mesh.tls import redis_tls_options
 from mesh.topology import TopicError
 from mesh.transport import PublishError
 
@@ -85,7 +86,10 @@ def command_redis(settings: Settings) -> aioredis.Redis:
     """A Redis client for a command: one attempt per call, whatever the URL asks (each
     redis-py retry would wait a timeout more)."""
     return aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=2, retry=RedisRetry(NoBackoff(), 0)
+        settings.redis_url,
+        socket_connect_timeout=2,
+        retry=RedisRetry(NoBackoff(), 0),
+        **redis_tls_options(settings),
     )
 
 

@@ -28,6 +28,7 @@ from mesh.provision import (
 )
 from mesh.provision import provision as provision_plan
 from mesh.provision.credentials import write_private
+from mesh.tls import redis_tls_options
 
 
 @click.command(
@@ -113,7 +114,9 @@ def provision_policy(
     keep their credentials in ``store``, say each change with ``echo``.  Failures raise
     ``click.ClickException`` saying what to do."""
     api = None if no_broker else ManagementAPI.for_settings(settings)
-    redis = None if no_broker else aioredis.Redis.from_url(settings.redis_url)
+    redis = None if no_broker else aioredis.Redis.from_url(
+        settings.redis_url, **redis_tls_options(settings)
+    )
     try:
         plan = build_plan(
             compiled, settings.namespace, vhost_of(settings), objects=mesh_objects(settings)
