@@ -32,7 +32,8 @@ def test_the_demo_spec_runs_the_demo_processes_as_their_principals() -> None:
     spec = load_spec(ROOT / "examples" / "demo" / "mesh.yaml")
     assert spec.name == "demo"
     assert spec.policy == ROOT / "examples" / "policy.yaml"
-    assert not spec.bridge_on
+    assert spec.bridge_on
+    assert spec.bridge is not None and spec.bridge.token_for == "dashboard"
     processes = plan(spec, load_policy(spec.policy))
     assert [(p.name, p.role, p.principal, p.args) for p in processes] == [
         ("gateway", "gateway", "gateway", ("gateway", "--id", "gateway", "--log-level", "warning")),
@@ -44,6 +45,11 @@ def test_the_demo_spec_runs_the_demo_processes_as_their_principals() -> None:
                 ("monitor", "monitor", "examples.vehicles:Monitor"),
                 ("v9", "vehicles", "examples.vehicles:Intruder"),
             ]
+        ),
+        (
+            "bridge", "bridge", "bridge",
+            ("bridge", "--id", "bridge", "--host", "127.0.0.1", "--port", "8080", "--log-level",
+             "warning"),
         ),
     ]
 
@@ -235,6 +241,18 @@ def test_a_missing_policy_file_is_named_with_where_it_was_looked_for(tmp_path: P
             "2: gateway.id: agent id 'monitor' belongs to principal 'monitor' in {policy}, of "
             "kind agent; a gateway process needs a principal of kind gateway",
             id="kind",
+        ),
+        pytest.param(
+            "bridge:\n  token_for: monitor\n",
+            "3: bridge.token_for: token_for 'monitor' is a principal of kind agent in {policy}; "
+            "it takes a principal of kind user (users: dashboard)",
+            id="token_for of an agent",
+        ),
+        pytest.param(
+            "bridge: {token_for: nobody}\n",
+            "2: bridge.token_for: token_for 'nobody' is no principal in {policy}; it takes a "
+            "principal of kind user (users: dashboard)",
+            id="token_for of nobody",
         ),
         pytest.param(
             "agents:\n  - {id: v7, class: 'a:B', replicas: 2}\n  - {id: v7-1, class: 'a:B'}\n",

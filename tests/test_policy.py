@@ -655,7 +655,7 @@ def test_check_prints_a_summary_and_exits_0() -> None:
     assert lines[0] == f"{EXAMPLE}: valid"
     assert lines[1] == "principals: 6 (agent 2, gateway 1, bridge 1, operator 1, user 1)"
     assert "roles: 2" in lines
-    assert "rule sets: 4 (10 rules)" in lines
+    assert "rule sets: 5 (12 rules)" in lines
     assert "  hardening (audit): allow 0, deny 1; publish 1" in lines
 
 

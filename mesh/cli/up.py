@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from mesh.deploy.rundir import (
     rotate,
 )
 from mesh.deploy.supervisor import Child, Supervisor, exit_status
+from mesh.policy import Policy, TokenError, TokenStore
 from mesh.provision import CredentialStore, credentials_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,6 +40,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEMO_SPEC = Path("examples/demo/mesh.yaml")
 DETACH_TIMEOUT = 60.0
 """Seconds ``mesh up --detach`` waits for its supervisor to have started every process."""
+BRIDGE_TIMEOUT = 30.0
+"""Seconds ``mesh up`` waits for the bridge to answer before printing the dashboard's URL."""
 _SETTLED = ("running", "failed", "exited", "stopped", "killed")
 
 
@@ -90,6 +94,10 @@ def up(spec_file: str, detach: bool, no_provision: bool, run_dir: Path, supervis
     unless --detach, to the console prefixed with its name.  Ctrl+C (or SIGTERM, or mesh
     down) stops the agents and the bridge, which finish what they are handling, then the
     gateways; exit 0 when every process stopped cleanly.
+
+    With the bridge's token_for (for demos: the token shows on the console), a new token of
+    that user is issued at each start, the one before revoked, and printed with the
+    dashboard's URL once the bridge answers.
     """
     spec = _load_spec(spec_file)
     policy = load_policy_or_exit(str(spec.policy), 1)
@@ -111,9 +119,10 @@ def up(spec_file: str, detach: bool, no_provision: bool, run_dir: Path, supervis
             policy, store, settings_or_exit(), echo=lambda line: click.echo(f"[provision] {line}")
         )
     children, key = _children(spec, processes, store, run)
+    token = None if supervise else _fresh_token(spec, policy)
     if detach:
-        sys.exit(_detach(spec_file, run))
-    sys.exit(asyncio.run(_supervise(spec, run, children, key, detached=supervise)))
+        sys.exit(_detach(spec_file, run, token))
+    sys.exit(asyncio.run(_supervise(spec, run, children, key, detached=supervise, token=token)))
 
 
 @click.command(epilog=example("mesh demo", "mesh demo --detach"))
@@ -270,8 +279,30 @@ def _children(
     return children, key
 
 
+def _fresh_token(spec: MeshSpec, policy: Policy) -> str | None:
+    """A new token of the bridge's ``token_for`` user, the one before revoked (a user holds
+    one at a time); ``None`` without ``token_for``."""
+    bridge = spec.bridge
+    if bridge is None or not bridge.enabled or bridge.token_for is None:
+        return None
+    name = bridge.token_for
+    try:
+        store = TokenStore.for_policy(policy)
+        if any(r.name == name and r.revoked is None for r in store.records()):
+            store.revoke(name)
+        return store.issue(name)
+    except TokenError as exc:
+        raise click.ClickException(f"bridge.token_for: {exc}") from None
+
+
 async def _supervise(
-    spec: MeshSpec, run: RunDir, children: list[Child], key: Path, *, detached: bool
+    spec: MeshSpec,
+    run: RunDir,
+    children: list[Child],
+    key: Path,
+    *,
+    detached: bool,
+    token: str | None = None,
 ) -> int:
     run.prepare([child.name for child in children])
     width = max(len(child.name) for child in children)
@@ -324,7 +355,12 @@ async def _supervise(
         click.echo(f"bridge: {bridge_url}")
     where = "" if detached else ", and here, prefixed with its name"
     click.echo(f"logs: {run.logs}/<name>.log{where}; Ctrl+C (or mesh down) stops the mesh")
+    announcing = None
+    if bridge_url is not None and token is not None:
+        announcing = asyncio.create_task(_announce(bridge_url, token))
     await running
+    if announcing is not None:
+        announcing.cancel()
     click.echo(
         "mesh up: the gateway's audit trail verifies with: "
         f"MESH_AUDIT_KEY_FILE={key} mesh audit verify"
@@ -341,7 +377,7 @@ async def _supervise(
     return 0
 
 
-def _detach(spec_file: str, run: RunDir) -> int:
+def _detach(spec_file: str, run: RunDir, token: str | None) -> int:
     """Start ``mesh up --supervise`` in a session of its own, its output in ``up.log``; wait
     until it started every process, then show them."""
     run.path.mkdir(parents=True, exist_ok=True)
@@ -379,7 +415,47 @@ def _detach(spec_file: str, run: RunDir) -> int:
         f"logs: {run.logs}/<name>.log; mesh status, mesh logs NAME, mesh down "
         f"(--mesh {state.mesh})"
     )
+    if state.bridge_url is not None and token is not None:
+        url = state.bridge_url
+        answers = False
+
+        def answered() -> bool:
+            nonlocal answers
+            answers = _answers(url)
+            return answers
+
+        _wait_until(answered, time.monotonic() + BRIDGE_TIMEOUT)
+        _echo_dashboard(url, token, answers=answers)
     return 0
+
+
+# The bridge's dashboard
+
+
+async def _announce(url: str, token: str) -> None:
+    """Print the dashboard's URL with ``token`` once the bridge answers (or its time is up)."""
+    deadline = time.monotonic() + BRIDGE_TIMEOUT
+    while True:
+        answers = await asyncio.to_thread(_answers, url)
+        if answers or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.2)
+    _echo_dashboard(url, token, answers=answers)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}health", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def _echo_dashboard(url: str, token: str, *, answers: bool) -> None:
+    if not answers:
+        click.echo(f"mesh up: the bridge does not answer at {url} yet (mesh logs bridge)")
+    click.echo(f"dashboard: {url}?access_token={token}")
+    click.echo(f'TOKEN={token}   # for curl -H "Authorization: Bearer $TOKEN" (new at each start)')
 
 
 # Showing

@@ -65,6 +65,8 @@ def plan(spec: MeshSpec, policy: Policy) -> list[Process]:
         out += _replicas(
             spec, bridge, role="bridge", agent=bridge.id, principal=principal, args=args, count=1
         )
+        if bridge.token_for is not None:
+            _check_token_user(spec, policy, bridge.token_for)
     _check_names(spec, out)
     return out
 
@@ -100,6 +102,18 @@ def _principal(spec: MeshSpec, policy: Policy, agent: str, kind: Kind, path: Loc
             f"kind {principal.kind}; a {kind} process needs a principal of kind {kind}",
         )
     return principal.name
+
+
+def _check_token_user(spec: MeshSpec, policy: Policy, name: str) -> None:
+    principal = policy.principal(name)
+    if principal is None or principal.kind != "user":
+        users = sorted(p.name for p in policy.principals() if p.kind == "user")
+        what = "no principal" if principal is None else f"a principal of kind {principal.kind}"
+        raise spec.error(
+            ("bridge", "token_for"),
+            f"token_for {name!r} is {what} in {spec.policy}; it takes a principal of kind "
+            f"user (users: {', '.join(users) or 'none'})",
+        )
 
 
 def _replicas(

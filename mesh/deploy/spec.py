@@ -206,6 +206,9 @@ class BridgeSpec(ProcessSpec):
     id: Name = "bridge"
     host: str = "127.0.0.1"
     port: int = 8080
+    token_for: Name | None = None
+    """A user (principal of kind user) whose token ``mesh up`` replaces at each start and
+    prints with the dashboard's URL.  For demos: the token is shown on the console."""
 
     @field_validator("port")
     @classmethod
