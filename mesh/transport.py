@@ -72,16 +72,17 @@ async def settle(operation: Awaitable[Any]) -> None:
         logger.debug("could not settle message (%r); the broker will redeliver it", exc)
 
 
-async def ack(incoming: AbstractIncomingMessage) -> bool:
+async def ack(incoming: AbstractIncomingMessage, *, multiple: bool = False) -> bool:
     """Ack ``incoming``; false when its channel closed first (the broker requeued it).
 
-    Never hangs on a lost connection: an ack waiting for room in the write queue of a
-    connection whose writer is gone (aiormq leaves that queue full) gives up when the
-    channel closes.  True does not prove the broker got the ack: acks are not confirmed,
-    and one sent after the broker closed the channel, before the close reached us, is
-    lost as well.
+    ``multiple`` acks every unacked delivery of its channel up to ``incoming`` as well
+    (``mesh.acks`` says when that is safe).  Never hangs on a lost connection: an ack
+    waiting for room in the write queue of a connection whose writer is gone (aiormq
+    leaves that queue full) gives up when the channel closes.  True does not prove the
+    broker got the ack: acks are not confirmed, and one sent after the broker closed the
+    channel, before the close reached us, is lost as well.
     """
-    return await _settle_delivery(incoming, incoming.ack)
+    return await _settle_delivery(incoming, lambda: incoming.ack(multiple=multiple))
 
 
 async def reject(incoming: AbstractIncomingMessage, *, requeue: bool) -> bool:

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from mesh import logcontext, topology
+from mesh.acks import AckBatcher
 from mesh.behaviour import Behaviour, Host
 from mesh.bindings import Binding
 from mesh.envelope import (
@@ -29,33 +31,29 @@ from mesh.gateway.audit import AuditTrail
 from mesh.gateway.gate import RedisGate
 from mesh.gateway.pipeline import Denied, Passage, Pipeline, Unavailable
 from mesh.topology import TopicError
-from mesh.transport import (
-    Abandoned,
-    PublishError,
-    Refused,
-    Unroutable,
-    ack,
-    is_stale,
-    reject,
-)
+from mesh.transport import Abandoned, PublishError, Refused, Unroutable, is_stale
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class _Window:
-    """What became of the deliveries of one consumer channel, while any is in flight.
+    """One consumer channel's acks, and what became of its deliveries.
 
     A channel that closes takes the acks of all its deliveries with it, hundreds at once:
-    the relay says so in one line per channel, when its last delivery is done, not in a
-    line per message.
+    the relay says so in one line per channel, once the channel closed and its last
+    delivery is done, not in a line per message.
     """
 
+    acks: AckBatcher
     in_flight: int = 0
-    unacked: int = 0
-    """Relayed (the copy confirmed), but the ack was lost with the channel."""
     returned: int = 0
     """Not relayed: the channel closed first, and the broker requeued them."""
+
+    @property
+    def unacked(self) -> int:
+        """Relayed (the copy confirmed), but the ack was lost with the channel."""
+        return self.acks.lost
 
 
 class Relay(Behaviour):
@@ -65,13 +63,16 @@ class Relay(Behaviour):
     gateway that dies mid-way leaves the message to another replica.  Handlers take
     deliveries in order and publish without awaiting anything before the channel, so
     one relay keeps each sender's order while up to ``max_concurrency`` confirms overlap.
+    Acks go in batches (``mesh.acks``): one ``basic.ack(multiple=True)`` per event-loop
+    turn for the deliveries handled meanwhile, rather than a socket write per message;
+    a delivery dead-lettered or requeued is settled alone.
 
     When the consumer channel closes (a broker-side close, a lost connection), the broker
     requeues every delivery not acked on it and delivers it again.  A delivery whose copy
     is not out yet is not relayed: the transport asks right before it sends (``wanted``),
     so only the redelivery is relayed.  A delivery whose copy is already out is relayed
-    twice: its ack fails, or went out after the broker closed the channel and before the
-    close reached the gateway (acks are not confirmed: the gateway cannot tell).  Those
+    twice: its batch's ack fails, or went out after the broker closed the channel and before
+    the close reached the gateway (acks are not confirmed: the gateway cannot tell).  Those
     duplicates, up to the deliveries in flight (``mailbox_size``) per close, are the price
     of at-least-once that the relay alone cannot avoid; it reports the acks it knows
     failed, once per channel.
@@ -114,19 +115,33 @@ class Relay(Behaviour):
             channel = incoming.channel
         except ChannelInvalidStateError:
             return  # its channel closed on the way here: the broker requeued it
-        # Keyed by the channel's id while a delivery of it (which holds it) is here.
-        window = self._windows.get(id(channel))
+        # Keyed by the channel's id while its window (whose batcher holds it) is here.
+        key = id(channel)
+        window = self._windows.get(key)
         if window is None:
-            window = self._windows[id(channel)] = _Window()
+            window = self._windows[key] = self._open_window(key, channel)
         window.in_flight += 1
+        window.acks.track(incoming)
         try:
             with logcontext.handling(incoming.message_id or "-"):
                 await self._handle(incoming, window)
         finally:
             window.in_flight -= 1
-            if window.in_flight == 0:
-                del self._windows[id(channel)]
-                self._report(window)
+            window.acks.release(incoming)
+            self._close_window(key, window)
+
+    def _open_window(self, key: int, channel: aiormq.abc.AbstractChannel) -> _Window:
+        window = _Window(
+            AckBatcher(channel, on_closed=lambda: self._close_window(key, window))
+        )
+        return window
+
+    def _close_window(self, key: int, window: _Window) -> None:
+        """Forget a closed channel's window once nothing of it is left, and report it."""
+        done = window.acks.closed and window.in_flight == 0 and window.acks.idle
+        if done and self._windows.get(key) is window:
+            del self._windows[key]
+            self._report(window)
 
     async def _handle(self, incoming: AbstractIncomingMessage, window: _Window) -> None:
         try:
@@ -139,7 +154,7 @@ class Relay(Behaviour):
                 return
             # Whatever went wrong, the message must not be retried into the same failure
             # on every replica: dead-letter it with the reason, or failing that reject it.
-            await self._dead_letter(incoming, exc)
+            await self._dead_letter(incoming, exc, window)
 
     async def relay(self, incoming: AbstractIncomingMessage, window: _Window) -> None:
         while True:
@@ -161,7 +176,7 @@ class Relay(Behaviour):
             await self.pipeline.run(passage)
         except Denied as denied:
             audit_id = await self.trail.record(passage, denied)
-            await self._deny(passage, denied, audit_id)
+            await self._deny(passage, denied, audit_id, window)
             return
         audit_id = await self.trail.record(passage)
         self.agent.metrics.decided("pipeline", "passed")
@@ -195,7 +210,7 @@ class Relay(Behaviour):
             return
         except Unroutable:
             await self._no_route(passage)
-            await ack(incoming)
+            window.acks.done(incoming)
             return
         except Refused:
             raise  # no replica can relay it: _handle dead-letters it with the reason
@@ -204,16 +219,16 @@ class Relay(Behaviour):
                 window.returned += 1
                 return
             logger.error("relay of %s failed, requeueing: %s", incoming.message_id, exc)
-            await reject(incoming, requeue=True)
+            await window.acks.reject(incoming, requeue=True)
             return
-        if not await ack(incoming):
-            # The copy is out but the channel closed: the broker redelivers the original,
-            # which is relayed again (a duplicate, never a dead letter).  Counted here and
-            # reported once per channel (``_report``).
-            window.unacked += 1
-            logger.debug("relayed %s but could not ack it", incoming.message_id)
+        # Should the channel close before the batch's ack is out, the broker redelivers the
+        # original, which is relayed again (a duplicate, never a dead letter): counted by
+        # the batcher and reported once per channel (``_report``).
+        window.acks.done(incoming)
 
-    async def _dead_letter(self, incoming: AbstractIncomingMessage, exc: Exception) -> None:
+    async def _dead_letter(
+        self, incoming: AbstractIncomingMessage, exc: Exception, window: _Window
+    ) -> None:
         """Dead-letter a message the relay failed on, with the reason; failing that, reject it.
 
         The outcome is logged once it happened, as what it is.
@@ -228,7 +243,7 @@ class Relay(Behaviour):
                 sender_id=incoming.message_id or "",
             )
         except Exception as failure:
-            if await reject(incoming, requeue=False):
+            if await window.acks.reject(incoming, requeue=False):
                 outcome = f"rejected it: {self.on_reject}"
             else:
                 outcome = "its channel closed meanwhile, so the broker redelivers it"
@@ -245,7 +260,7 @@ class Relay(Behaviour):
         logger.error(
             "relay of %s failed; dead-lettered it: %s", incoming.message_id, reason, exc_info=exc
         )
-        await ack(incoming)
+        await window.acks.ack(incoming)
 
     def _report(self, window: _Window) -> None:
         """Say, once per closed channel, what the close did to the deliveries in flight."""
@@ -276,7 +291,9 @@ class Relay(Behaviour):
             error = f"no queue is bound for {passage.routing_key!r}"
         await self._notify(passage, {"error": error, "type": "Unroutable"})
 
-    async def _deny(self, passage: Passage, denied: Denied, audit_id: str | None) -> None:
+    async def _deny(
+        self, passage: Passage, denied: Denied, audit_id: str | None, window: _Window
+    ) -> None:
         """Tell the sender why, and drop the message: a denial is recorded (the audit trail),
         not dead-lettered, so that a flood of them cannot push real dead letters out of
         ``mesh.dead``, which is for what a receiver could not handle."""
@@ -294,7 +311,7 @@ class Relay(Behaviour):
         if audit_id is not None:
             notice["audit"] = audit_id
         await self._notify(passage, notice)
-        await ack(incoming)
+        window.acks.done(incoming)
 
     async def _notify(self, passage: Passage, body: dict[str, Any]) -> None:
         """Tell the sender: on its reply route for a request, else on its error route.
