@@ -46,6 +46,8 @@ COMMANDS: dict[str, str] = {
     "audit": "audit:audit",
     # REST and websocket access to the mesh: mesh/cli/bridge.py
     "bridge": "bridge:bridge",
+    # Kubernetes manifests of a mesh spec: mesh/cli/k8s.py
+    "k8s": "k8s:k8s",
 }
 """Command name → ``module:attribute`` under ``mesh.cli``."""
 
