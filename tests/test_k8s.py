@@ -8,23 +8,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import configparser
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
 import yaml
 from dockerfile_parse import DockerfileParser
-from helpers import PrivateRedis, eventually, free_port
+from helpers import PrivateRedis, cli_env, eventually, free_port, running
 from redis.exceptions import AuthenticationError, NoPermissionError
 
+from behaviours import SubscriberBehaviour
+from examples.vehicles import Alert
+from mesh import Agent, Message, on
 from mesh.config import Settings
 from mesh.deploy.k8s import ADMIN, IMAGE, render
 from mesh.deploy.spec import load_spec
+from mesh.management import ManagementAPI
 from mesh.policy import load_policy
 from mesh.provision import CredentialStore
 
@@ -247,6 +256,25 @@ def test_rendered_spec_follows_the_schemas(rendered: tuple[Path, CredentialStore
         "mesh-audit-key",
         "mesh-admin",
     } <= secrets
+    # Every Secret and ConfigMap a pod names is one the overlay holds, in its namespace.
+    held = {
+        (obj["kind"], obj["metadata"]["name"])
+        for obj in objects
+        if obj["kind"] in ("Secret", "ConfigMap")
+        and obj["metadata"].get("namespace") == "agentmesh"
+    }
+    for name, pod in pods(objects).items():
+        for container in pod["containers"]:
+            for source in container.get("envFrom", []):
+                assert ("Secret", source["secretRef"]["name"]) in held, (name, source)
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                assert ref is None or ("Secret", ref["name"]) in held, (name, env)
+        for volume in pod.get("volumes", []):
+            if "secret" in volume:
+                assert ("Secret", volume["secret"]["secretName"]) in held, (name, volume)
+            if "configMap" in volume and volume["configMap"]["name"] != "rabbitmq-config":
+                assert ("ConfigMap", volume["configMap"]["name"]) in held, (name, volume)
     definitions = secret_values(objects, "rabbitmq-definitions")["definitions.json"]
     assert '"name": "mesh.vehicles"' in definitions and f'"name": "{ADMIN}"' in definitions
     job = by_kind(objects, "Job")["mesh-provision"]["spec"]["template"]["spec"]
@@ -375,14 +403,213 @@ def test_dockerfile_is_what_the_manifests_run() -> None:
     assert listed == requires and "aio-pika>=9.4,<11" in listed
 
 
-def _run_env(
-    container: dict[str, Any], secret: dict[str, str], hosts: dict[str, str]
-) -> dict[str, str]:
-    """The container's environment as its pod gets it: the Secret's variables, then its
-    own; the cluster's service hosts replaced by ``hosts`` (the only difference)."""
-    env = dict(secret)
-    env.update({e["name"]: e["value"] for e in container.get("env", [])})
-    for variable in ("MESH_AMQP_URL", "MESH_REDIS_URL"):
-        for service, address in hosts.items():
-            env[variable] = env[variable].replace(f"@{service}:", f"@{address}:")
-    return env
+class Collector(SubscriberBehaviour):
+    """Every speeding alert the monitor raises, by speed (each reading's own)."""
+
+    @on("alerts.speeding.*", model=Alert)
+    async def alert(self, msg: Message, alert: Alert) -> None:
+        assert isinstance(self.agent, Vehicle1)
+        self.agent.alerts.add(alert.speed_kmh)
+
+
+class Vehicle1(Agent):
+    behaviours = [Collector]
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("v1", settings=settings)
+        self.alerts: set[float] = set()
+
+
+class LocalPod:
+    """A container of the rendered manifests run here, as its pod would run it: the image's
+    entrypoint ``mesh`` with the container's args, its Secret's variables and its own env.
+    The differences, and only these: the cluster's service hosts (``rabbitmq``, ``redis``)
+    become the test's broker and Redis; the mounted files (policy, audit key) are their
+    local copies; and ``health_port`` when given (two pods here would share 9090)."""
+
+    def __init__(
+        self,
+        objects: list[dict[str, Any]],
+        deployment: str,
+        settings: Settings,
+        files: dict[str, str],
+        health_port: int | None = None,
+    ) -> None:
+        pod = by_kind(objects, "Deployment")[deployment]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        self.container = container
+        self.grace = pod["terminationGracePeriodSeconds"]
+        secret = container["envFrom"][0]["secretRef"]["name"].rsplit("-", 1)[0]
+        env = secret_values(objects, secret)
+        env.update({e["name"]: e["value"] for e in container.get("env", [])})
+        amqp, redis_url = urlsplit(settings.amqp_url), urlsplit(settings.redis_url)
+        hosts = {
+            "rabbitmq:5672": f"{amqp.hostname}:{amqp.port or 5672}",
+            "redis:6379": f"{redis_url.hostname}:{redis_url.port or 6379}",
+        }
+        for variable in ("MESH_AMQP_URL", "MESH_REDIS_URL"):
+            for service, address in hosts.items():
+                env[variable] = env[variable].replace(f"@{service}/", f"@{address}/")
+        for variable, path in files.items():
+            env[variable] = path
+        if health_port is not None:
+            env["MESH_HEALTH_PORT"] = str(health_port)
+        self.env = env
+        self.port = int(env["MESH_HEALTH_PORT"])
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        assert "command" not in self.container  # the image's entrypoint: mesh
+        keep = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            *self.container["args"],
+            cwd=ROOT,
+            env={**keep, **self.env},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return 0, ""
+
+    async def ready(self) -> bool:
+        assert self.process is not None and self.process.returncode is None, "exited"
+        probe = self.container["readinessProbe"]["httpGet"]
+        assert probe["port"] == "health" and self.container["ports"][0]["name"] == "health"
+        status, _ = await asyncio.to_thread(self.get, probe["path"])
+        return status == 200
+
+    async def terminate(self) -> int:
+        """SIGTERM, as the kubelet sends it; the exit code within the grace period."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), self.grace)
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def test_the_rendered_agent_runs_here_as_in_its_pod(
+    settings: Settings, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """The gateway and the monitor run from their rendered Deployments, on the real broker
+    provisioned from the policy; the monitor gets ready on the declared probe, serves
+    /metrics, and, stopped with SIGTERM in the middle of a stream of readings and started
+    again, loses none of them (each becomes its alert) and exits 0 both times."""
+    shutil.copy(ROOT / "examples/policy.yaml", tmp_path / "policy.yaml")
+    (tmp_path / "mesh.yaml").write_text(
+        "name: test\npolicy: policy.yaml\n"
+        "agents:\n  - {id: monitor, class: 'examples.vehicles:Monitor'}\n"
+        "bridge: {enabled: false}\n"
+    )
+    credentials = tmp_path / "credentials"
+    env = {**os.environ, **cli_env(settings), "MESH_CREDENTIALS_DIR": str(credentials)}
+    pods_here: list[LocalPod] = []
+    try:
+        for args in (
+            ["provision", str(tmp_path / "policy.yaml")],
+            [
+                "k8s",
+                "render",
+                str(tmp_path / "mesh.yaml"),
+                "-o",
+                str(tmp_path / "overlay"),
+                "--base",
+                str(K8S / "base"),
+            ],
+        ):
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "mesh.cli", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=90,
+                check=False,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+        objects = kustomize(tmp_path / "overlay")
+        files = {"MESH_POLICY": str(tmp_path / "policy.yaml")}
+        gateway = LocalPod(
+            objects,
+            "gateway",
+            settings,
+            {**files, "MESH_AUDIT_KEY_FILE": str(credentials / "audit.key")},
+            health_port=free_port(),
+        )
+        monitor = LocalPod(objects, "mesh-agent-monitor", settings, files)
+        pods_here += [gateway, monitor]
+        await gateway.start()
+        await eventually(gateway.ready, timeout=60, what="the gateway is ready")
+        await monitor.start()
+        await eventually(monitor.ready, timeout=60, what="the monitor is ready")
+        status, metrics = await asyncio.to_thread(monitor.get, "/metrics")
+        assert status == 200 and "# TYPE" in metrics
+
+        store = CredentialStore(credentials)
+        vehicle_env = store.variables("vehicles") or {}
+        vehicle = Vehicle1(
+            settings.model_copy(
+                update={
+                    "amqp_url": vehicle_env["MESH_AMQP_URL"],
+                    "redis_url": vehicle_env["MESH_REDIS_URL"],
+                    "policy": str(tmp_path / "policy.yaml"),
+                }
+            )
+        )
+        speeds: list[float] = []
+        stopped = asyncio.Event()
+        async with running(vehicle):
+
+            async def stream() -> None:
+                """Readings one after the other, on while the monitor drains and is gone,
+                and 20 more once it has exited."""
+                after = 0
+                while after < 20:
+                    speed = 130.0 + len(speeds)
+                    await vehicle.publish(
+                        "vehicle.v1.speed",
+                        {"vehicle": "v1", "speed_kmh": speed},
+                        schema="reading@1",
+                    )
+                    speeds.append(speed)
+                    after += stopped.is_set()
+                    await asyncio.sleep(0.005)  # a stream, not a burst
+
+            streaming = asyncio.create_task(stream())
+            await eventually(lambda: len(vehicle.alerts) >= 10, timeout=30, what="alerts flow")
+            code = await monitor.terminate()
+            stopped.set()
+            assert code == 0
+            await streaming
+            assert len(vehicle.alerts) < len(speeds)  # some were left for the next instance
+            await monitor.start()
+            await eventually(monitor.ready, timeout=60, what="the monitor is ready again")
+            await eventually(
+                lambda: vehicle.alerts >= set(speeds),
+                timeout=60,
+                what=f"all {len(speeds)} readings handled",
+            )
+        assert await monitor.terminate() == 0
+        assert await gateway.terminate() == 0
+    finally:
+        for pod in pods_here:
+            await pod.kill()
+        api = ManagementAPI.for_settings(settings)
+        for user in await api.users():
+            if user.name.startswith(f"{settings.namespace}."):
+                await api.delete_user(user.name)
+        for name in await redis.acl_users():
+            if name.startswith(f"{settings.namespace}."):
+                await redis.acl_deluser(name)

@@ -38,6 +38,8 @@ from mesh.provision.passwords import SHA256, password_hash, stable_salt
 
 IMAGE = "agentmesh:latest"
 """The image the base's Deployments run (the repository's ``Dockerfile``)."""
+NAMESPACE = "agentmesh"
+"""The base's namespace."""
 HEALTH_PORT = 9090
 """``MESH_HEALTH_PORT`` in every pod: probes and Prometheus read it."""
 POLICY_PATH = "/etc/mesh/policy/policy.yaml"
@@ -184,6 +186,8 @@ def render(
     kustomization: dict[str, Any] = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
+        # The base's: its objects find the Secrets generated here only in their namespace.
+        "namespace": NAMESPACE,
         "resources": [
             os.path.relpath(base.resolve(), out.resolve()),
             "agents.yaml",
