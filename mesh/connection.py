@@ -13,6 +13,8 @@ import aiormq
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import AMQPConnectionError
 
+from mesh.shortstr import tolerate_undecodable_short_strings
+
 logger = logging.getLogger(__name__)
 
 FIRST_RETRY = 0.5
@@ -108,6 +110,7 @@ async def connect(
 
     A refused login or vhost fails at once: waiting does not fix a wrong password.
     """
+    tolerate_undecodable_short_strings()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     delay = FIRST_RETRY

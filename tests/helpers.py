@@ -209,3 +209,21 @@ async def principals(
     finally:
         for user in made:
             await api.delete_user(user)
+
+
+class WireBytes(str):
+    """A string that goes on the wire as ``raw``, UTF-8 or not: any AMQP client can send a
+    header string that is not UTF-8 (aiormq reads it back as ``bytes``)."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> WireBytes:
+        text = super().__new__(cls, raw.decode("latin-1"))
+        text.raw = raw
+        return text
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+    def __repr__(self) -> str:
+        return f"WireBytes({self.raw!r})"

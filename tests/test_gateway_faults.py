@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from agents_reliability import Host, counts_are, drain, host, peek, subscriber, user_of
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
-from helpers import PrivateRedis, eventually, free_port, principals, running
+from helpers import PrivateRedis, WireBytes, eventually, free_port, principals, running
 from hypothesis import HealthCheck, Phase, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -202,24 +202,6 @@ BODIES = st.one_of(
     st.integers(2049, 300_000).map(lambda n: bytes(range(256)) * (n // 256)),
     st.integers(500, 100_000).map(lambda n: b"[" * n + b"]" * n),
 )
-
-
-class WireBytes(str):
-    """A string that goes on the wire as ``raw``, UTF-8 or not: any AMQP client can send a
-    header string that is not UTF-8 (aiormq reads it back as ``bytes``)."""
-
-    raw: bytes
-
-    def __new__(cls, raw: bytes) -> WireBytes:
-        text = super().__new__(cls, raw.decode("latin-1"))
-        text.raw = raw
-        return text
-
-    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self.raw
-
-    def __repr__(self) -> str:
-        return f"WireBytes({self.raw!r})"
 
 
 HEADER_VALUES = st.recursive(

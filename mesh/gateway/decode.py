@@ -7,6 +7,7 @@ from typing import Any
 from mesh import topology
 from mesh.envelope import CONTENT_TYPE, H_INSTANCE, H_TOPIC, RESERVED_HEADERS, MessageType
 from mesh.gateway.pipeline import Denied, Passage
+from mesh.topology import TopicError
 
 _TYPES = frozenset(t.value for t in MessageType)
 
@@ -38,6 +39,10 @@ class Decode:
             raise Denied(self.name, "message has no message_id")
         if not incoming.app_id:
             raise Denied(self.name, "message has no app_id (the sending agent)")
+        try:
+            topology.check_name("agent id", incoming.app_id)
+        except TopicError:
+            raise Denied(self.name, "app_id is no agent id (letters, digits, '-', '_')") from None
         if incoming.content_type not in (None, CONTENT_TYPE):
             raise Denied(self.name, f"content type {incoming.content_type!r} is not {CONTENT_TYPE}")
         kind = incoming.type or MessageType.EVENT
