@@ -281,26 +281,28 @@ class Agent(Service):
         the start returns; with no gateway live, nobody will until one runs."""
         if self.indexes_registry or not self._membership.registered:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INDEXED_WITHIN
         try:
             if not await self.registry.instances(capability=GATEWAY_CAPABILITY):
                 logger.info("no gateway is live: discovery finds this instance once one runs")
                 return
-            async with asyncio.timeout(INDEXED_WITHIN):
-                # A poll: the gateway writes Redis, and tells this instance nothing.
-                while True:
-                    if await self.registry.indexed(self.id, self.instance, self._membership.tag):
-                        return
-                    await asyncio.sleep(0.01)
+            # A poll with a deadline, not a cancelling timeout: the gateway writes Redis and
+            # tells this instance nothing, and a cancel landing inside a redis-py call can be
+            # lost there, which would leave the loop polling forever.
+            while loop.time() < deadline:
+                if await self.registry.indexed(self.id, self.instance, self._membership.tag):
+                    return
+                await asyncio.sleep(0.01)
         except REDIS_DOWN:
             return  # the heartbeat loop registers it again once Redis answers
-        except TimeoutError:
-            logger.warning(
-                "no gateway indexed %s/%s within %gs (did the policy deny its registry event?): "
-                "discovery by capability or topic does not find it yet",
-                self.id,
-                self.instance,
-                INDEXED_WITHIN,
-            )
+        logger.warning(
+            "no gateway indexed %s/%s within %gs (did the policy deny its registry event?): "
+            "discovery by capability or topic does not find it yet",
+            self.id,
+            self.instance,
+            INDEXED_WITHIN,
+        )
 
     async def _ensure_topology(self) -> None:
         """Declare the mesh's exchanges, or, where this agent's broker user may not (a
