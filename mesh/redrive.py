@@ -67,6 +67,11 @@ class RedriveRequest(BaseModel):
 
 Outcome = Literal["redriven", "would redrive", "refused"]
 
+Refusal = Literal["unknown", "redriven", "busy", "not allowed", "not sent"]
+"""Why one was refused: no such dead letter; redriven before (without ``again``); another
+redrive of it under way; it may not go back (not an event, not a behaviour's queue, not its
+owner's, open mode); the copy was not sent (no audit trail, the queue gone)."""
+
 
 class RedriveResult(BaseModel):
     """What became of one dead letter."""
@@ -78,6 +83,7 @@ class RedriveResult(BaseModel):
     topic: str | None = None
     audit: str | None = None
     """The audit record of the decision (``chain/entry``), when the gateway keeps a trail."""
+    refusal: Refusal | None = None
 
 
 class RedriveReport(BaseModel):
@@ -92,6 +98,8 @@ class RedriveMark(BaseModel):
     agent: str | None
     queue: str
     audit: str | None = None
+    on_behalf_of: str | None = None
+    """The token user the bridge redrove it for (``user`` and ``agent`` are the bridge's)."""
 
 
 def queue_agent(queue: str) -> str | None:
@@ -170,6 +178,7 @@ class RedriveMarks:
 
 
 def describe_mark(mark: RedriveMark) -> str:
-    """``2024-06-01 12:00:03 by mesh.ops`` (local time)."""
+    """``2024-06-01 12:00:03 by mesh.ops`` (local time), ``… by alice via mesh.bridge``."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mark.time))
-    return f"{when} by {mark.user or mark.agent or '?'}"
+    by = mark.user or mark.agent or "?"
+    return f"{when} by {mark.on_behalf_of} via {by}" if mark.on_behalf_of else f"{when} by {by}"

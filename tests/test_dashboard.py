@@ -15,11 +15,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 from bridge_support import Running, delete_users, provisioned, running_bridge
+from helpers import eventually
 
-from mesh import Settings
+from mesh import Settings, topology
 from mesh.devservices import DevServicesError, ensure_program
+from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_TOPIC, new_message_id
+from mesh.policy import broker_user
 
 playwright = pytest.importorskip("playwright.async_api", reason="pip install -e '.[dev]'")
 
@@ -37,13 +41,14 @@ rule_sets:
       - {allow: request, who: operator, request: {agent: "svc*", operation: "*"}}
       - {allow: reply, who: "*", reply: {agent: "*"}}
       - {allow: control, who: operator, control: {agent: "svc*", command: "*"}}
+      - {allow: request, who: operator, request: {agent: gateway, operation: redrive}}
 dlp:
   rules:
     - {detect: card, action: block, topics: "notes.#"}
     - {detect: phone, action: redact, topics: "notes.#"}
 """
-"""``operator`` publishes and watches notes and controls ``svc``; the gateway refuses a note
-with a card number and masks phone numbers in the copy it relays."""
+"""``operator`` publishes and watches notes, controls ``svc`` and redrives dead letters; the
+gateway refuses a note with a card number and masks phone numbers in the copy it relays."""
 
 CHROMIUM_FLAGS = [
     "--no-sandbox",  # root in a container: Chromium's sandbox needs user namespaces
@@ -109,6 +114,39 @@ async def publish(live: Running, topic: str, payload: object) -> str:
     return message_id
 
 
+async def dead_letter(live: Running) -> int:
+    """A note ``svc``'s notes behaviour gave up on, dead-lettered by ``svc``'s own user as a
+    failed handler does, once the gateway filed it: its id."""
+    message_id = new_message_id()
+    died = aio_pika.Message(
+        b'{"text": "a note that failed"}',
+        headers={
+            H_QUEUE: "mesh.q.svc.notes",
+            H_DEAD_BY: "svc",
+            H_REASON: "handler notes.note failed 1 times; last: RuntimeError: closed",
+            H_TOPIC: "notes.failed",
+        },
+        message_id=message_id,
+        type="event",
+        app_id="svc",
+        content_type="application/json",
+        user_id=broker_user(live.mesh.settings.namespace, "service"),  # RabbitMQ checks it
+    )
+    await live.service.transport.publish(topology.DEAD_LETTER_EXCHANGE, "notes.failed", died)
+    found: list[int] = []
+
+    async def filed() -> bool:
+        answer = await live.client.get("/dead", headers=live.auth("operator"))
+        assert answer.status_code == 200, answer.text
+        found[:] = [
+            d["id"] for d in answer.json()["dead_letters"] if d["message_id"] == message_id
+        ]
+        return bool(found)
+
+    await eventually(filed, timeout=20, what="the dead letter filed")
+    return found[0]
+
+
 async def behaviour_state(live: Running, agent: str, behaviour: str) -> set[str]:
     answer = await live.client.get(f"/agents/{agent}", headers=live.auth("operator"))
     return {
@@ -125,6 +163,7 @@ async def behaviour_state(live: Running, agent: str, behaviour: str) -> set[str]
 async def test_the_dashboard_shows_agents_controls_them_and_streams_messages(
     live: Running, page: Any
 ) -> None:
+    dead = await dead_letter(live)  # before the page loads: it lists dead letters at start
     token = live.mesh.token("operator")
     await page.goto(f"http://{live.url}/?access_token={token}&topics=notes.%23")
     await page.locator("#principal", has_text="signed in as operator").wait_for()
@@ -164,8 +203,17 @@ async def test_the_dashboard_shows_agents_controls_them_and_streams_messages(
     await page.locator("#sum-passed", has_text=re.compile(r"^([2-9]|\d\d+)$")).wait_for()
     await page.locator("#sum-denied", has_text=re.compile(r"^[1-9]")).wait_for()
 
-    # No /dead on this bridge: said so.
-    await page.locator("#dead-state", has_text="not available").wait_for()
+    # The dead letter is listed; its redrive button puts it back into svc's queue.
+    listed = page.locator(f'#dead tr[data-dead="{dead}"]')
+    await listed.filter(has_text="notes.failed").wait_for()
+    await listed.locator("button.redrive").click()
+    await page.locator("#toast", has_text=f"dead letter {dead} redriven").wait_for()
+
+    async def handled_again() -> None:
+        while (await live.service.seen.get()).topic != "notes.failed":
+            pass
+
+    await asyncio.wait_for(handled_again(), WAIT_MS / 1000)
 
     if SCREENSHOT:
         await traffic(live, seconds=20)

@@ -115,6 +115,9 @@ def test_the_example_policy_is_valid_and_allows_what_the_demo_does() -> None:
     assert example.decide("monitor", "publish", "alerts.speeding.v7").allowed
     assert example.decide("gateway", "reply", "_reply.client-1.abc").allowed
     assert example.decide("client-1f2e", "control", "_ctl._all.ping").allowed
+    redrive = "_req.gateway.redrive"  # the dashboard's dead-letter panel, mesh dead redrive
+    assert example.decide("bridge", "request", redrive, on_behalf_of="dashboard").allowed
+    assert example.decide("client-1f2e", "request", redrive).allowed
     assert not example.decide("v7", "publish", "vehicle.v8.speed").allowed
     assert not example.decide("v7", "control", "_ctl.v8.shutdown").allowed
     assert {r.mode for r in example.rules} == {"enforce", "audit"}
@@ -655,7 +658,7 @@ def test_check_prints_a_summary_and_exits_0() -> None:
     assert lines[0] == f"{EXAMPLE}: valid"
     assert lines[1] == "principals: 6 (agent 2, gateway 1, bridge 1, operator 1, user 1)"
     assert "roles: 2" in lines
-    assert "rule sets: 5 (12 rules)" in lines
+    assert "rule sets: 5 (13 rules)" in lines
     assert "  hardening (audit): allow 0, deny 1; publish 1" in lines
 
 

@@ -146,6 +146,8 @@ def test_plan_of_a_policy() -> None:
     assert users["monitor"].permissions == monitor
     bridge_binds = {t.exchange: t.read for t in users["bridge"].permissions.topics}["mesh.topic"]
     assert re.search(bridge_binds, "vehicle.#")  # dashboard's
+    assert re.search(users["bridge"].permissions.read, "mesh.dead")  # GET /dead
+    assert not re.search(users["monitor"].permissions.read, "mesh.dead")
     assert [n.split(":")[0] for n in plan.notes] == ["principal 'vehicles'", "principal 'mesh-cli'"]
     assert "share one broker user" in plan.notes[0]
     assert "inbox.{self} not provisioned" in plan.notes[1]

@@ -16,7 +16,7 @@ from starlette.staticfiles import StaticFiles
 from mesh.bridge import a2a, errors, sse
 from mesh.bridge.errors import ApiError
 from mesh.bridge.openapi import OpenAPI
-from mesh.bridge.routes import agents, audit, health, topics
+from mesh.bridge.routes import agents, audit, dead, health, topics
 from mesh.bridge.service import Bridge
 from mesh.bridge.websocket import websocket_endpoint
 
@@ -60,6 +60,8 @@ def create_app(bridge: Bridge, *, static: Path = STATIC) -> Starlette:
         Route("/agents/{agent}/shutdown", agents.shutdown, methods=["POST"]),
         Route("/topics/{topic}", topics.publish, methods=["POST"]),
         Route("/audit", audit.audit, methods=["GET"]),
+        Route("/dead", dead.list_dead, methods=["GET"]),
+        Route("/dead/{id}/redrive", dead.redrive, methods=["POST"]),
         Route("/stream", sse.stream, methods=["GET"]),
         WebSocketRoute("/ws", websocket_endpoint),
         Route("/openapi.json", api.openapi_json, methods=["GET"], include_in_schema=False),

@@ -14,6 +14,9 @@ class BridgeConfig:
     port: int = 8080
     agent_id: str = "bridge"
     """The bridge's agent id: its principal in the policy must delegate (kind ``bridge``)."""
+    gateway_id: str = "gateway"
+    """The gateway's agent id: ``/dead`` is for callers the policy lets request its
+    ``redrive`` operation, which redrives them."""
     insecure_open: bool = False
     """Serve without a policy: no tokens, every caller may do anything (first steps only)."""
     max_body: int = 1_048_576

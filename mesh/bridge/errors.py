@@ -23,6 +23,7 @@ KINDS = {
     403: "Forbidden",
     404: "NotFound",
     405: "MethodNotAllowed",
+    409: "Conflict",
     413: "PayloadTooLarge",
     422: "SchemaViolation",
     429: "TooManyRequests",

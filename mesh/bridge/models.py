@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from mesh.audit import AuditRecord
+from mesh.redrive import RedriveResult
 from mesh.registry import AgentRecord
 
 
@@ -89,6 +90,46 @@ class AuditPage(BaseModel):
     """Whether every record in range was read (else narrow the query, or use ``until``)."""
 
 
+class Redriven(BaseModel):
+    """That a dead letter was redriven: when (ISO 8601), by which user and agent (the
+    bridge's, with ``on_behalf_of`` its caller), into which queue, its audit record."""
+
+    time: str
+    user: str | None
+    agent: str | None
+    queue: str
+    audit: str | None = None
+    on_behalf_of: str | None = None
+
+
+class DeadLetterSummary(BaseModel):
+    """A dead letter as ``mesh dead list --json`` shows it (``DeadLetter.summary``)."""
+
+    id: int
+    """Its offset in ``mesh.dead``."""
+    filed_at: str | None
+    sent_at: str | None
+    queue: str
+    topic: str
+    type: str
+    reason: str
+    message_id: str
+    sender: str | None
+    sender_instance: str | None
+    sender_user: str | None
+    dead_by: str | None
+    dead_by_user: str | None
+    redriven: Redriven | None = None
+
+
+class DeadLetters(BaseModel):
+    dead_letters: list[DeadLetterSummary]
+    """Oldest first, the newest last."""
+    complete: bool
+    """Whether the whole stream was read (else only its newest dead letters, a bounded
+    number)."""
+
+
 SCHEMAS: tuple[type[BaseModel], ...] = (
     Error,
     Health,
@@ -97,5 +138,7 @@ SCHEMAS: tuple[type[BaseModel], ...] = (
     Agents,
     ControlResult,
     AuditPage,
+    DeadLetters,
+    RedriveResult,
 )
 """The models the OpenAPI document lists under ``components.schemas``."""

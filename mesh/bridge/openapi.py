@@ -131,7 +131,12 @@ def base_document(config: BridgeConfig, version: str) -> dict[str, Any]:
                 "Forbidden": _error(
                     "The policy denies it to the caller (the bridge's check or the gateway's)."
                 ),
-                "NotFound": _error("No such agent, operation or behaviour, or none alive."),
+                "NotFound": _error(
+                    "No such agent, operation, behaviour or dead letter, or none alive."
+                ),
+                "Conflict": _error(
+                    "The dead letter was redriven already, or another redrive of it is under way."
+                ),
                 "TooLarge": _error(f"The body is over {config.max_body} bytes."),
                 "SchemaViolation": _error(
                     "The payload does not follow a schema version its topic or operation "

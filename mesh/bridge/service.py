@@ -128,6 +128,7 @@ def check_policy(policy: Policy | None, config: BridgeConfig) -> Principal | Non
     ``x-mesh-on-behalf-of`` from no one else.
     """
     topology.check_name("agent id", config.agent_id)
+    topology.check_name("gateway id", config.gateway_id)
     if policy is None:
         if not config.insecure_open:
             raise BridgeError(

@@ -25,10 +25,15 @@ from mesh.topology import TopicError
               show_default=True, help="Port to listen on (MESH_BRIDGE_PORT).")
 @click.option("--id", "agent_id", envvar="MESH_BRIDGE_ID", default="bridge", show_default=True,
               help="The bridge's agent id; its principal must be kind: bridge (MESH_BRIDGE_ID).")
+@click.option("--gateway", "gateway_id", envvar="MESH_BRIDGE_GATEWAY", default="gateway",
+              show_default=True,
+              help="The gateway's agent id, which redrives dead letters (MESH_BRIDGE_GATEWAY).")
 @click.option("--insecure-open", is_flag=True, envvar="MESH_BRIDGE_INSECURE_OPEN",
               help="Serve without a policy: no tokens, every caller may do anything.")
 @click.option("--log-level", default="info", show_default=True)
-def bridge(host: str, port: int, agent_id: str, insecure_open: bool, log_level: str) -> None:
+def bridge(  # noqa: PLR0917 -- one parameter per option, as click passes them
+    host: str, port: int, agent_id: str, gateway_id: str, insecure_open: bool, log_level: str
+) -> None:
     """Serve the mesh over HTTP: REST (/docs, /openapi.json), a websocket (/ws) and
     Server-Sent Events (/stream), and the dashboard at /.
 
@@ -39,7 +44,13 @@ def bridge(host: str, port: int, agent_id: str, insecure_open: bool, log_level: 
     """
     logcontext.configure(log_level.upper())
     settings = settings_or_exit()
-    config = BridgeConfig(host=host, port=port, agent_id=agent_id, insecure_open=insecure_open)
+    config = BridgeConfig(
+        host=host,
+        port=port,
+        agent_id=agent_id,
+        gateway_id=gateway_id,
+        insecure_open=insecure_open,
+    )
     try:
         policy = load_policy(settings.policy) if settings.policy else None
         service = Bridge(settings, config, policy)

@@ -64,8 +64,8 @@ class Gateway(Agent):
 
     Every decision is recorded (``AuditTrail``): in the tamper-evident audit trail when an
     audit key is set (``MESH_AUDIT_KEY`` or ``MESH_AUDIT_KEY_FILE``), else in the log only.
-    Its ``redrive`` operation puts dead letters back into their queues for operators
-    (``mesh.gateway.redrive``).
+    Its ``redrive`` operation puts dead letters back into their queues for operators and
+    the bridge's callers (``mesh.gateway.redrive``).
     """
 
     capabilities = [GATEWAY_CAPABILITY]
@@ -95,7 +95,8 @@ class Gateway(Agent):
 
     @rpc(REDRIVE, model=RedriveRequest)
     async def redrive(self, msg: Message, request: RedriveRequest) -> dict[str, Any]:
-        """Put dead letters back into their queues for an operator (``mesh dead redrive``)."""
+        """Put dead letters back into their queues for an operator (``mesh dead redrive``)
+        or a caller of the bridge (``POST /dead/{id}/redrive``)."""
         return (await self.redriver(msg, request)).model_dump(mode="json")
 
     def _stages(self, policy: Policy | None) -> list[Stage]:

@@ -1,4 +1,5 @@
-"""The gateway's ``redrive`` operation: dead letters back into their queues, for operators.
+"""The gateway's ``redrive`` operation: dead letters back into their queues, for operators
+and for the bridge's callers.
 
 Why the gateway does it: in a provisioned mesh no one else may write to an agent's queue, so
 the broker itself keeps everything that reaches a queue on a path the gateway decided; a
@@ -8,7 +9,11 @@ other (the policy must allow the operator's principal ``request`` on ``<gateway>
 the gateway reads each dead letter from ``mesh.dead`` itself, so the operator names only an
 offset, never the content.  For each dead letter it checks:
 
-- who asks is an operator (a principal of kind ``operator``, connected as its broker user);
+- who asks is an operator (a principal of kind ``operator``, connected as its broker user),
+  or a principal that delegates (the bridge, connected as its broker user) asking on behalf
+  of a token user (``x-mesh-on-behalf-of``) whom the policy lets request ``redrive``: the
+  authorize stage checked both already, and they are checked again here, since this
+  operation writes to any queue;
 - the dead letter is an event, from a behaviour's queue (``redrive.queue_agent``);
 - it was dead-lettered by the broker user that owns that queue (the user of the principal
   its agent belongs to), as RabbitMQ verified it (``x-mesh-dead-by-user``), so a dead letter
@@ -32,7 +37,7 @@ from mesh import topology
 from mesh.agent import Agent
 from mesh.audit import AuditRecord, Decision, payload_sha256
 from mesh.deadlist import DeadLetter, read_dead_letters, stream_end
-from mesh.envelope import Message
+from mesh.envelope import H_ON_BEHALF_OF, Message
 from mesh.gateway.audit import AuditTrail
 from mesh.gateway.pipeline import Unavailable
 from mesh.membership import REDIS_DOWN
@@ -45,6 +50,7 @@ from mesh.redrive import (
     RedriveReport,
     RedriveRequest,
     RedriveResult,
+    Refusal,
     describe_mark,
     queue_agent,
     redrive_copy,
@@ -62,12 +68,14 @@ class RedriveRefused(Exception):
 
 @dataclass(frozen=True)
 class _Asked:
-    """One request: its message, the operator's principal (``None`` in open mode), what
-    it asks."""
+    """One request: its message, the principal asking (the operator, or the user the
+    bridge acts for; ``None`` in open mode), what it asks, and the delegating principal
+    that sent it for ``asker`` (the bridge), if any."""
 
     msg: Message
     asker: str | None
     request: RedriveRequest
+    delegated_by: str | None = None
 
 
 class Redriver:
@@ -91,20 +99,31 @@ class Redriver:
         )
 
     async def _asked(self, msg: Message, request: RedriveRequest) -> _Asked:
-        """The request, with the operator's principal (in open mode anyone may ask);
-        ``RedriveRefused`` if who asks is no operator."""
+        """The request, with the principal asking (in open mode anyone may ask);
+        ``RedriveRefused`` unless it is an operator on its own connection or a token user
+        the bridge asks for."""
         if self.policy is None:
             return _Asked(msg, None, request)
-        principal = self.policy.principal_for_agent(msg.app_id or "")
-        if (
-            principal is not None
-            and principal.kind == "operator"
-            and msg.user_id == broker_user(self.namespace, principal.name)
-        ):
-            return _Asked(msg, principal.name, request)
+        agent = msg.app_id or ""
+        principal = self.policy.principal_for_agent(agent)
+        own_user = principal is not None and msg.user_id == broker_user(
+            self.namespace, principal.name
+        )
+        on_behalf_of = msg.headers.get(H_ON_BEHALF_OF)
+        if principal is not None and own_user:
+            if on_behalf_of is None and principal.kind == "operator":
+                return _Asked(msg, principal.name, request)
+            if isinstance(on_behalf_of, str) and self.policy.decide(
+                agent,
+                "request",
+                topology.request_key(self.gateway.id, REDRIVE),
+                on_behalf_of=on_behalf_of,
+            ).allowed:
+                return _Asked(msg, on_behalf_of, request, delegated_by=principal.name)
         reason = (
-            f"agent {msg.app_id!r} (user {msg.user_id!r}) is not an operator of the policy: "
-            "only principals of kind operator redrive dead letters"
+            f"agent {agent!r} (user {msg.user_id!r}) is not an operator of the policy: "
+            "only principals of kind operator, or the bridge for a user the policy lets "
+            "request redrive, redrive dead letters"
         )
         try:
             asker = None if principal is None else principal.name
@@ -137,9 +156,12 @@ class Redriver:
                 id=id,
                 outcome="refused",
                 reason=f"mesh.dead holds no dead letter {id} (past its retention, or never filed)",
+                refusal="unknown",
             )
         result = partial(RedriveResult, id=id, queue=dead.queue, topic=dead.topic)
+        refusal: Refusal = "not allowed"
         if mark is not None and not request.again:
+            refusal = "redriven"
             allowed, why = False, (
                 f"redriven already ({describe_mark(mark)}, into {mark.queue}); "
                 "--again redrives it once more"
@@ -147,16 +169,20 @@ class Redriver:
         else:
             allowed, why = self._check(dead, request.force)
         if request.dry_run:
-            return result(outcome="would redrive" if allowed else "refused", reason=why)
+            if allowed:
+                return result(outcome="would redrive", reason=why)
+            return result(outcome="refused", reason=why, refusal=refusal)
         if not allowed:
             try:
                 audit = await self._audit(asked, "denied", f"dead letter {id}: {why}", dead)
             except Unavailable as exc:
                 logger.error("redrive of dead letter %d refused, not audited: %s", id, exc)
                 audit = None
-            return result(outcome="refused", reason=why, audit=audit)
+            return result(outcome="refused", reason=why, audit=audit, refusal=refusal)
         if not await self.marks.claim(id):
-            return result(outcome="refused", reason="another redrive of it is under way")
+            return result(
+                outcome="refused", reason="another redrive of it is under way", refusal="busy"
+            )
         try:
             return await self._redrive(asked, dead, why, result)
         finally:
@@ -203,7 +229,7 @@ class Redriver:
                 asked, "allowed", f"dead letter {id} back into {queue}: {why}", dead
             )
         except Unavailable as exc:
-            return result(outcome="refused", reason=f"not redriven: {exc}")
+            return result(outcome="refused", reason=f"not redriven: {exc}", refusal="not sent")
         try:
             await self.gateway.transport.publish("", queue, redrive_copy(dead), mandatory=True)
         except PublishError as exc:
@@ -218,9 +244,19 @@ class Redriver:
                 )
             except Unavailable as unavailable:
                 logger.error("failed redrive of dead letter %d not audited: %s", id, unavailable)
-            return result(outcome="refused", reason=f"not redriven: {failure}", audit=audit)
+            return result(
+                outcome="refused",
+                reason=f"not redriven: {failure}",
+                audit=audit,
+                refusal="not sent",
+            )
         mark = RedriveMark(
-            time=time.time(), user=msg.user_id, agent=msg.app_id, queue=queue, audit=audit
+            time=time.time(),
+            user=msg.user_id,
+            agent=msg.app_id,
+            queue=queue,
+            audit=audit,
+            on_behalf_of=asked.asker if asked.delegated_by else None,
         )
         logger.info("dead letter %d redriven into %s for %s (%s)", id, queue, msg.app_id, why)
         try:
@@ -240,6 +276,7 @@ class Redriver:
             stage=STAGE,
             reason=reason,
             principal=asked.asker,
+            delegated_by=asked.delegated_by,
             user=msg.user_id,
             agent=msg.app_id,
             instance=msg.instance,

@@ -177,6 +177,7 @@ def shared_agent_permissions(
     *,
     excluding: Collection[str] = (),
     registry_events: bool = True,
+    read_dead: bool = False,
 ) -> UserPermissions:
     """``agent_permissions`` of one user shared by every agent whose id ``agents`` lists or
     matches (ids and globs, as a policy principal names them), but the ids in ``excluding``
@@ -185,6 +186,9 @@ def shared_agent_permissions(
     ``{self}`` in ``subscriptions`` (a word of a pattern) stands for any of those ids: the
     broker cannot tell apart agents sharing a user, so with ``vehicle.{self}.#`` each may
     bind ``vehicle.<any of them>.#``.  The gateway still decides per agent id.
+
+    ``read_dead``: it may also read the ``mesh.dead`` stream (the bridge lists dead letters
+    to the callers the policy lets redrive them; it writes to no queue of theirs).
     """
     if not agents:
         raise topology.TopicError("no agent ids or globs: a user of no agent may do nothing")
@@ -214,7 +218,14 @@ def shared_agent_permissions(
             ),
             own,
         ),
-        read=_names(*_exact(topology.TOPIC_EXCHANGE, topology.INTERNAL_EXCHANGE), own),
+        read=_names(
+            *_exact(
+                topology.TOPIC_EXCHANGE,
+                topology.INTERNAL_EXCHANGE,
+                *([topology.DEAD_LETTER_QUEUE] if read_dead else []),
+            ),
+            own,
+        ),
         topics=(
             TopicPermission(topology.POLICY_EXCHANGE, write=_names(_USER_TOPIC)),
             TopicPermission(topology.INTERNAL_POLICY_EXCHANGE, write=_names(_AGENT_SENDS)),
@@ -299,9 +310,13 @@ def bridge_permissions(
     bridge_id: str, subscriptions: Sequence[str], *, registry_events: bool = True
 ) -> UserPermissions:
     """The bridge's user: an agent (``agent_permissions``) whose ``subscriptions`` are what
-    its principals may subscribe to.  It publishes on their behalf, and the gateway
-    authorizes each principal, not the bridge."""
-    return agent_permissions(bridge_id, subscriptions, registry_events=registry_events)
+    its principals may subscribe to, which also reads ``mesh.dead`` (``GET /dead``).  It
+    publishes on their behalf, and the gateway authorizes each principal, not the bridge."""
+    topology.check_name("agent id", bridge_id)
+    patterns = [topology.check_pattern(p) for p in subscriptions]
+    return shared_agent_permissions(
+        [bridge_id], patterns, registry_events=registry_events, read_dead=True
+    )
 
 
 def gateway_permissions(gateway_id: str = "gateway") -> UserPermissions:

@@ -77,7 +77,8 @@ def build_plan(
 
     Agents (and the bridge) get ``shared_agent_permissions`` over the ids and globs their
     principal names, with the subscriptions its enforced rules allow (a delegating
-    principal also those of the users it acts for); the gateway ``gateway_permissions``;
+    principal also those of the users it acts for, and read on ``mesh.dead`` for
+    ``GET /dead``); the gateway ``gateway_permissions``;
     operators ``operator_permissions``.  Users (token principals) get none: they act
     through the bridge.  Raises ``ProvisionError`` for a gateway that is not one agent id,
     and for an agent id no agent can have.
@@ -130,6 +131,7 @@ def _permissions(policy: Policy, principal: Principal, notes: list[str]) -> User
         principal.agents,
         list(dict.fromkeys(patterns)),
         excluding=_listed_elsewhere(policy, principal),
+        read_dead=principal.delegates,
     )
 
 

@@ -5,10 +5,10 @@ behaviours handled (``<ns>:handled:<agent>:…``), its queues' binding records
 (``<ns>:bindings:mesh.q.<agent>.…``, ``mesh.i.<agent>.…``) and its own registry entry (its
 instances' records and its set of instances), and read the rest of the registry; nothing of
 another agent.  A delegating principal's (the bridge's) may also read the audit trail and
-keep its A2A tasks (``<ns>:a2a:*``).  The registry's shared indexes are the gateway's to
-write (``mesh/registry.py``).  The gateway's and the operators' users may use every key of
-the mesh.  No user may run administrative or keyspace-wide commands (``@admin``,
-``@dangerous``: ``KEYS``, ``FLUSHALL``, ``CONFIG`` …), nor publish or subscribe.
+the redrive marks, and keep its A2A tasks (``<ns>:a2a:*``).  The registry's shared indexes
+are the gateway's to write (``mesh/registry.py``).  The gateway's and the operators' users
+may use every key of the mesh.  No user may run administrative or keyspace-wide commands
+(``@admin``, ``@dangerous``: ``KEYS``, ``FLUSHALL``, ``CONFIG`` …), nor publish or subscribe.
 
 Redis users are server-wide, so each name carries the mesh's namespace (the broker user's
 name, ``<namespace>.<principal>``), and Redis having no tags, a channel permission nothing
@@ -96,9 +96,14 @@ def redis_user(namespace: str, principal: Principal) -> RedisUser:
                 f"~{namespace}:registry:agent:{own}",
             ]
         if principal.delegates:
-            # The bridge shows its callers the audit records they may see (GET /audit), and
-            # keeps the A2A tasks it runs for them (mesh/bridge/a2a/tasks.py).
-            keys += [f"%R~{namespace}:audit:*", f"~{namespace}:a2a:*"]
+            # The bridge shows its callers the audit records they may see (GET /audit) and
+            # which dead letters were redriven (GET /dead), and keeps the A2A tasks it runs
+            # for them (mesh/bridge/a2a/tasks.py).
+            keys += [
+                f"%R~{namespace}:audit:*",
+                f"%R~{namespace}:dead:redriven",
+                f"~{namespace}:a2a:*",
+            ]
     rules = ("resetkeys", *keys, "resetchannels", f"&{MARK}{namespace}", *commands)
     return RedisUser(broker_user(namespace, principal.name), principal.name, rules)
 

@@ -527,8 +527,10 @@
     if (!state.running) return;
     const answer = await api("GET", "/dead");
     const status = $("dead-state");
-    if (answer.status === 404 || answer.status === 405) {
-      status.textContent = "not available: this bridge serves no dead letters (GET /dead)";
+    if (answer.status === 403 || answer.status === 404 || answer.status === 405) {
+      status.textContent = answer.status === 403
+        ? "not shown: the policy does not let you redrive dead letters"
+        : "not available: this bridge serves no dead letters (GET /dead)";
       status.className = "muted";
       $("dead-table").hidden = true;
       return;
@@ -544,8 +546,10 @@
     status.className = "muted";
     $("dead-count").textContent = letters.length ? `${letters.length}` : "";
     $("dead").replaceChildren(...letters.slice().reverse().map((dead) => {
-      const button = el("button", {type: "button", className: "redrive"}, "Redrive");
-      button.onclick = () => redrive(dead.id, button);
+      const again = Boolean(dead.redriven);
+      const button = el("button", {type: "button", className: "redrive"},
+        again ? "Redrive again" : "Redrive");
+      button.onclick = () => redrive(dead.id, button, again);
       return el("tr", {"data-dead": dead.id},
         el("td", {className: "mono"}, String(dead.id)),
         el("td", {}, dead.filed_at ? clock(new Date(dead.filed_at)) : ""),
@@ -556,9 +560,9 @@
     }));
   }
 
-  async function redrive(id, button) {
+  async function redrive(id, button, again) {
     button.disabled = true;
-    const answer = await api("POST", `/dead/${enc(id)}/redrive`);
+    const answer = await api("POST", `/dead/${enc(id)}/redrive${again ? "?again=true" : ""}`);
     if (answer.ok) toast(`dead letter ${id} redriven`);
     else toast(`redrive ${id}: ${why(answer)}`, true);
     await loadDead();
