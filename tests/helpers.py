@@ -169,20 +169,20 @@ class PrivateRedis:
 
 async def decision_of(settings: Settings, message_id: str, timeout: float = 15.0) -> AuditRecord:
     """The audit record of the gateway's decision on ``message_id`` (polled: the gateway
-    appends it as it decides)."""
+    appends it as it decides).  A deadline, not a cancelling timeout: a cancel landing inside a
+    redis-py call can be lost there."""
     client = aioredis.Redis.from_url(settings.redis_url)
     reader = AuditReader(client, settings.namespace)
+    deadline = time.monotonic() + timeout
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                async for entry in reader.entries(newest_first=True):
-                    if entry.record.message_id == message_id:
-                        return entry.record
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"no audit record of {message_id} within {timeout}s") from None
+        while time.monotonic() < deadline:
+            async for entry in reader.entries(newest_first=True):
+                if entry.record.message_id == message_id:
+                    return entry.record
+            await asyncio.sleep(0.05)
     finally:
         await client.aclose()
+    raise AssertionError(f"no audit record of {message_id} within {timeout}s")
 
 
 @asynccontextmanager

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import aio_pika
 from agents_reliability import Host, Listen, Orders, drain, peek, subscriber
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from helpers import running, take
+from helpers import decision_of, running, take
 
 from mesh import Message, RemoteError, Settings, topology
 from mesh.envelope import MessageType
@@ -141,17 +141,21 @@ async def test_sender_cannot_forge_the_mesh_id(settings: Settings) -> None:
     assert received.message_id == message_id
 
 
-async def test_denied_message_is_dead_lettered_under_the_senders_id(settings: Settings) -> None:
-    """The gateway's dead letter of a message it denies carries the sender's message_id in
-    x-mesh-id, not one the sender forged, and an AMQP message_id of its own."""
+async def test_a_denial_is_audited_under_the_senders_id(settings: Settings) -> None:
+    """The audit record of a message the gateway denies names the sender's message_id, not
+    one the sender forged in x-mesh-id; a denial is not dead-lettered."""
     sender = Host("anon", settings=settings)
-    async with running(Gateway(settings=settings), sender), dead_letter_tap(settings) as dead:
+    async with running(Gateway(settings=settings), sender), peek(settings) as broker:
         sender.transport.user = None  # type: ignore[assignment]  # publish without user_id
         message_id = await sender.publish("news.flash", {}, headers={H_MESH_ID: FORGED})
-        letter = await dead.next()
-    assert "user_id" in str(letter.headers["x-mesh-reason"])
-    assert letter.headers[H_MESH_ID] == message_id
-    assert letter.message_id and letter.message_id != message_id
+        record = await decision_of(settings, message_id)
+        assert await broker.dead_letters_through_marker() == []
+    assert (record.decision, record.stage, record.message_id) == (
+        "denied",
+        "authenticate",
+        message_id,
+    )
+    assert "user_id" in (record.reason or "")
 
 
 async def test_behaviours_dead_letter_carries_the_senders_id(settings: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis.asyncio as aioredis
 from agents_core import Recorder, broker, recorder
 from agents_reliability import peek
 from helpers import eventually, running
@@ -12,6 +13,7 @@ from pydantic import BaseModel
 
 from behaviours import OneShotBehaviour, SubscriberBehaviour
 from mesh import Agent, Message, RemoteError, RequestTimeout, Settings, rpc
+from mesh.audit import AuditFilter, AuditReader, AuditRecord
 from mesh.gateway import Gateway
 
 
@@ -149,8 +151,8 @@ async def test_replies_reach_the_asking_instance(settings: Settings) -> None:
 
 async def test_timeout_and_late_reply(settings: Settings) -> None:
     """A callee that blocks makes ``request`` raise ``RequestTimeout``; its late reply is
-    refused at the gateway (past the request's deadline) and dead-lettered with the reason,
-    and the caller keeps working."""
+    refused at the gateway (past the request's deadline) and audited with the reason, not
+    dead-lettered, and the caller keeps working."""
     calc = Calculator("calc", settings=settings)
     caller = Agent("caller", settings=settings)
     async with running(Gateway(settings=settings), calc, caller), peek(settings) as amqp:
@@ -160,9 +162,10 @@ async def test_timeout_and_late_reply(settings: Settings) -> None:
 
         calc.events["release"].set()
         await eventually(lambda: calc.counts["block_done"] == 1, timeout=5)
-        late = await amqp.dead_letter()
-        assert late.type == "reply"
-        assert "no request is waiting for this reply" in str((late.headers or {})["x-mesh-reason"])
+        late = await eventually(lambda: denied_reply_to(settings, caller.reply_to), timeout=15)
+        assert (late.agent, late.type, late.stage) == ("calc", "reply", "replies")
+        assert "no request is waiting for this reply" in (late.reason or "")
+        assert await amqp.dead_letters_through_marker() == []
         assert not caller._awaited  # nothing left waiting
 
         answer = await caller.request("calc", "add", Question(a=1, b=2), model=Answer)
@@ -234,3 +237,16 @@ async def test_request_nobody_serves_fails_at_once(settings: Settings) -> None:
         with pytest.raises(RemoteError) as caught:
             await caller.request("calc", "divide", {}, timeout=60)
         assert caught.value.error_type == "Unroutable"
+
+
+async def denied_reply_to(settings: Settings, route: str) -> AuditRecord | None:
+    """The gateway's audit record of a reply to ``route`` it denied, if there is one yet."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        reader = AuditReader(client, settings.namespace)
+        async for entry in reader.entries(AuditFilter(decision="denied"), newest_first=True):
+            if entry.record.topic == route:
+                return entry.record
+        return None
+    finally:
+        await client.aclose()
