@@ -5,21 +5,17 @@ with the JSON path and reason reaching the sender."""
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from urllib.parse import quote, urlsplit
 
 import pytest
-from agents_reliability import Host, host, mesh_id, peek, subscriber, vhost_of
-from helpers import decision_of, mesh_cli, running, take
+from agents_reliability import Host, host, mesh_id, peek, subscriber
+from helpers import decision_of, mesh_cli, principals, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, RemoteError, Settings, on, rpc, topology
 from mesh.gateway import Gateway
 from mesh.gateway.relay import Relay
-from mesh.management import ManagementAPI
-from mesh.policy import broker_user
 
 POLICY = """
 principals:
@@ -78,42 +74,13 @@ class Vehicle(Host):
 
 
 @pytest.fixture
-async def as_principal(
-    settings: Settings, tmp_path: Path
-) -> AsyncIterator[Principal]:
-    """Settings that enforce ``POLICY`` and connect as a principal's broker user, made here
-    with full rights on the test's vhost (the broker's own checks are tested elsewhere)."""
+async def as_principal(settings: Settings, tmp_path: Path) -> AsyncIterator[Principal]:
+    """Settings that enforce ``POLICY`` and connect as a principal's broker user."""
     (tmp_path / "status.json").write_text(json.dumps(STATUS))
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    api = ManagementAPI.for_settings(settings)
-    made: list[str] = []
-
-    async def settings_for(principal: str) -> Settings:
-        user = broker_user(settings.namespace, principal)
-        password = secrets.token_urlsafe(16)
-        await api.put_user(user, password)
-        made.append(user)
-        await api.set_permissions(vhost_of(settings), user, ".*", ".*", ".*")
-        return settings.model_copy(
-            update={
-                "amqp_url": url_as(settings.amqp_url, user, password),
-                "policy": str(policy),
-            }
-        )
-
-    try:
+    async with principals(settings, policy) as settings_for:
         yield settings_for
-    finally:
-        for user in made:
-            await api.delete_user(user)
-
-
-def url_as(url: str, user: str, password: str) -> str:
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}{port}"
-    return parts._replace(netloc=netloc).geturl()
 
 
 async def schema_denial(settings: Settings, message_id: str) -> str:
