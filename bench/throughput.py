@@ -2,7 +2,7 @@
 
     python bench/throughput.py [--count 20000] [--warmup 2000] [--rounds 4] [--in-flight 100]
                                [--raw-prefetch 100] [--requests 1000] [--skip-audit]
-                               [--skip-authorized] [--check]
+                               [--skip-authorized] [--skip-full] [--check]
 
 One run measures, every party in an OS process of its own:
 
@@ -24,21 +24,31 @@ One run measures, every party in an OS process of its own:
     party, the control client "bench-ctl" too, connected as its principal's broker user
     ``broker_user(namespace, principal)`` (made with a random password and every
     permission on the vhost through the management API, deleted at the end);
-(d) request/reply round trips through the gateway (pass-through): ``--requests``
+(d) the mesh, full pipeline (issue 11): the authorized path with every stage of the gateway
+    on: its policy is ``POLICY`` and ``FULL_SECTIONS`` (10 payload schemas, the bench's topic
+    among them, which the publisher names with ``publish(..., schema=SCHEMA)``; DLP rules
+    that block, redact and alert on the bench's topics, scanning every reading and finding
+    nothing in it; rate limits that apply to the publisher, too high to bind), checked like
+    (c)'s, and the gateway keeps the tamper-evident audit trail (``MESH_AUDIT_KEY``), one
+    record per message in Redis.  After the run the trail is verified
+    (``mesh.audit.verify_audit``), and the records verified per second are printed;
+(e) request/reply round trips through the gateway (pass-through): ``--requests``
     sequential ``agent.request`` calls to an ``@rpc`` of the subscriber agent.
 
 Throughput is what the consumer received after the warm-up, divided by the time from the
-warm-up's last message to the last one.  (a), (b) and (c) alternate in ``--rounds`` rounds of
+warm-up's last message to the last one.  (a)-(d) alternate in ``--rounds`` rounds of
 ``count / rounds`` messages (after ``warmup / rounds`` each) so that load from other programs
-weighs on all alike: even rounds run raw, pass-through, authorized; odd rounds authorized,
-pass-through, raw, so the mesh's processes restart (pass-through <-> authorized, each
-restart awaited) once a round, and each mesh path runs as often right after a restart as
-not.  Each figure is the total over its rounds.  The last two lines are
-``authorized/pass-through ratio: R (authorized X msg/s, pass-through Y msg/s)`` and
+weighs on all alike: even rounds run raw, pass-through, authorized, full; odd rounds full,
+authorized, pass-through, raw, so the mesh's processes restart (each restart awaited) as
+the setup changes, and each mesh path runs after a restart as often as not.  Each figure
+is the total over its rounds.  The last lines are
+``authorized/pass-through ratio: R (authorized X msg/s, pass-through Y msg/s)``,
+``full/pass-through ratio: R (full X msg/s, pass-through Y msg/s)`` and, last,
 ``mesh/raw ratio: R (mesh X msg/s, raw Y msg/s)`` (the pass-through mesh, audit log off).
-Targets on a 2-core machine: mesh/raw R >= 0.45, request/reply p50 <= 3 ms and
-authorized/pass-through R >= 0.95 (``--check``: exit 1 when one is missed;
-``--skip-authorized`` leaves (c) and its target out).
+Targets on a 2-core machine: mesh/raw R >= 0.5, request/reply p50 <= 3 ms,
+authorized/pass-through R >= 0.95, full/pass-through R >= 0.8 and an audit trail that
+verifies (``--check``: exit 1 when one is missed; ``--skip-authorized`` and ``--skip-full``
+leave (c) and (d) and their targets out).
 
 Uses ``MESH_AMQP_URL`` for the broker's host and credentials, in a vhost of its own that it
 creates and deletes (``mesh.devservices.BrokerAdmin``, else ``rabbitmqctl``), and a Redis
@@ -88,10 +98,13 @@ from mesh import (
     on,
     rpc,
 )
+from mesh.audit import AuditKeys, verify_audit
 from mesh.config import DEFAULT_AMQP_URL, Settings
 from mesh.management import ManagementAPI, ManagementError
 from mesh.policy import Action, Policy, PolicyError, broker_user, load_policy
+from mesh.policy.schemas import SchemaViolation
 from mesh.provision.credentials import url_as
+from mesh.topology import matches
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "bench.v7.reading"
@@ -102,9 +115,13 @@ GATEWAY_ID = "gateway"
 RAW_EXCHANGE = "bench.raw"
 RAW_QUEUE = "bench.raw"
 BODY_BYTES = 200
-TARGET_RATIO = 0.45
+SCHEMA = "bench-reading@1"
+"""The schema version the full path's publisher names (``x-mesh-schema``)."""
+AUDIT_KEY_ID = "bench"
+TARGET_RATIO = 0.5
 TARGET_P50_MS = 3.0
 TARGET_AUTHORIZED_RATIO = 0.95
+TARGET_FULL_RATIO = 0.8
 
 
 # --- the message -----------------------------------------------------------------------------
@@ -135,7 +152,8 @@ def body(seq: int) -> bytes:
 
 
 class Blast(OneShotBehaviour):
-    """Publishes the agent's ``plan``: ``total`` readings, ``in_flight`` awaiting confirms."""
+    """Publishes the agent's ``plan``: ``total`` readings, ``in_flight`` awaiting confirms,
+    naming the schema version ``schema`` (if any)."""
 
     autostart = False
 
@@ -143,6 +161,7 @@ class Blast(OneShotBehaviour):
         agent = self.agent
         assert isinstance(agent, PublisherAgent)
         total, in_flight = agent.plan["total"], agent.plan["in_flight"]
+        schema = agent.plan.get("schema")
         next_seq = 0
         started = time.perf_counter()
 
@@ -151,7 +170,7 @@ class Blast(OneShotBehaviour):
             while next_seq < total:
                 seq = next_seq
                 next_seq += 1
-                await self.publish(TOPIC, payload(seq))
+                await self.publish(TOPIC, payload(seq), schema=schema)
 
         await asyncio.gather(*(worker() for _ in range(in_flight)))
         agent.last_blast = {"published": total, "seconds": time.perf_counter() - started}
@@ -163,12 +182,17 @@ class PublisherAgent(Agent):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.plan: dict[str, int] = {"total": 0, "in_flight": 1}
+        self.plan: dict[str, Any] = {"total": 0, "in_flight": 1}
         self.last_blast: dict[str, Any] = {}
 
     @rpc("plan")
-    async def set_plan(self, msg: Message, plan: Any) -> dict[str, int]:
-        self.plan = {"total": int(plan["total"]), "in_flight": int(plan["in_flight"])}
+    async def set_plan(self, msg: Message, plan: Any) -> dict[str, Any]:
+        schema = plan.get("schema")
+        self.plan = {
+            "total": int(plan["total"]),
+            "in_flight": int(plan["in_flight"]),
+            "schema": None if schema is None else str(schema),
+        }
         self.last_blast = {}
         return self.plan
 
@@ -430,6 +454,172 @@ rule_sets:
 """
 
 
+FULL_SCHEMAS = 10
+
+FULL_SECTIONS = """\
+
+# The full path's further sections (bench/throughput.py): payload schemas, data-loss
+# prevention and rate limits, every one of them applying to the bench's readings.
+schemas:
+  definitions:
+    bench-reading:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            vehicle: {type: string, pattern: "^v[0-9]+$"}
+            seq: {type: integer, minimum: 0}
+            speed_kmh: {type: number, minimum: 0, maximum: 400}
+            heading: {type: number, minimum: 0, exclusiveMaximum: 360}
+            lat: {type: number, minimum: -90, maximum: 90}
+            lon: {type: number, minimum: -180, maximum: 180}
+            ts: {type: number, minimum: 0}
+            note: {type: string, maxLength: 1024}
+          required: [vehicle, seq, speed_kmh, heading, lat, lon, ts]
+          additionalProperties: false
+    vehicle-speed:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            vehicle: {type: string}
+            speed_kmh: {type: number, minimum: 0}
+          required: [vehicle, speed_kmh]
+      - version: 2
+        inline:
+          type: object
+          properties:
+            vehicle: {type: string}
+            speed_kmh: {type: number, minimum: 0}
+            ts: {type: number}
+          required: [vehicle, speed_kmh, ts]
+    vehicle-position:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            vehicle: {type: string}
+            lat: {type: number, minimum: -90, maximum: 90}
+            lon: {type: number, minimum: -180, maximum: 180}
+          required: [vehicle, lat, lon]
+    diagnostics:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            code: {type: string, pattern: "^[PCBU][0-9]{4}$"}
+            severity: {enum: [info, warning, critical]}
+          required: [code, severity]
+    alert:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            vehicle: {type: string}
+            kind: {type: string}
+            level: {type: integer, minimum: 1, maximum: 5}
+          required: [vehicle, kind]
+    weather-report:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            area: {type: string}
+            temperature_c: {type: number}
+            wind_kmh: {type: number, minimum: 0}
+          required: [area]
+    route-plan:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            route: {type: string}
+            stops: {type: array, items: {type: string}, maxItems: 100}
+          required: [route, stops]
+    maintenance-ticket:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            ticket: {type: string}
+            vehicle: {type: string}
+            due: {type: string, format: date}
+          required: [ticket, vehicle]
+    billing-event:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            account: {type: string}
+            amount_cents: {type: integer}
+            currency: {type: string, pattern: "^[A-Z]{3}$"}
+          required: [account, amount_cents, currency]
+    geofence-event:
+      - version: 1
+        inline:
+          type: object
+          properties:
+            vehicle: {type: string}
+            fence: {type: string}
+            entered: {type: boolean}
+          required: [vehicle, fence, entered]
+  payloads:
+    - {topics: "bench.*.reading", accept: bench-reading@1}
+    - {topics: "vehicle.*.speed", accept: vehicle-speed}
+    - {topics: "vehicle.*.position", accept: vehicle-position@1}
+    - {topics: "vehicle.*.diagnostics.#", accept: diagnostics@1}
+    - {topics: "alerts.#", accept: alert@1}
+    - {topics: "weather.#", accept: weather-report@1}
+    - {topics: "route.#", accept: route-plan@1}
+    - {topics: "maintenance.#", accept: maintenance-ticket@1}
+    - {topics: "billing.#", accept: billing-event@1}
+    - {topics: "geofence.#", accept: geofence-event@1}
+  require: ["bench.#", "vehicle.#"]
+
+dlp:
+  max_payload_bytes: 65536
+  rules:
+    - detect: [card, iban, ssn, private_key, aws_access_key, aws_secret_key, gcp_api_key,
+               azure_key, jwt, bearer_token, secret]
+      action: block
+      topics: ["bench.#", "vehicle.#", "partner.#"]
+    - detect: [phone, email]
+      action: redact
+      topics: ["bench.#", "vehicle.*.trip", "alerts.#"]
+    - pattern: 'EMP-[0-9]{6}'
+      name: employee_id
+      action: alert
+      topics: ["bench.#", "maintenance.#"]
+    - detect: [card, iban]
+      action: block
+      topics: "billing.#"
+
+rate_limits:
+  bench-readings:               # high enough never to bind: the bench measures the stage
+    who: bench-publisher
+    topics: "bench.#"
+    rate: 1000000/s
+    burst: 1000000
+  per-principal:
+    who: "*"
+    rate: 1000000/s
+    burst: 1000000
+  fleet-telemetry:
+    who: fleet
+    topics: "vehicle.#"
+    rate: 50/s
+    burst: 100
+  partner-api:
+    who: partner-api
+    rate: 600/min
+  alerts:
+    who: [monitor, alerting]
+    topics: "alerts.#"
+    rate: 200/s
+    shared: true
+"""
+
+
 def bench_traffic(instance: str = "0a1b2c3d") -> list[tuple[str, Action, str]]:
     """What the bench's parties send through an authorizing gateway: (agent, action, target).
 
@@ -449,12 +639,15 @@ def bench_traffic(instance: str = "0a1b2c3d") -> list[tuple[str, Action, str]]:
     ]
 
 
-def write_policy(directory: Path) -> tuple[Path, Policy]:
-    """``POLICY`` as a file in ``directory``, loaded with ``mesh.policy.load_policy`` and
-    checked: its size, the bench's ids resolving to their principals (no other principal's
-    glob matching them), and the bench's traffic allowed by enforced rules."""
-    path = directory / "policy.yaml"
-    path.write_text(POLICY, encoding="utf-8")
+def write_policy(
+    directory: Path, name: str = "policy.yaml", text: str = POLICY
+) -> tuple[Path, Policy]:
+    """``text`` (by default ``POLICY``) as a file ``name`` in ``directory``, loaded with
+    ``mesh.policy.load_policy`` and checked: its size, the bench's ids resolving to their
+    principals (no other principal's glob matching them), and the bench's traffic allowed by
+    enforced rules."""
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
     try:
         policy = load_policy(path)
     except PolicyError as exc:
@@ -482,6 +675,54 @@ def write_policy(directory: Path) -> tuple[Path, Policy]:
             problems.append(f"{agent} {action} {target}: {decision.reason}")
     if problems:
         raise BenchError("the bench's policy does not fit the bench:\n  " + "\n  ".join(problems))
+    return path, policy
+
+
+def write_full_policy(directory: Path, messages: int) -> tuple[Path, Policy]:
+    """``POLICY`` and ``FULL_SECTIONS`` as a file in ``directory``, checked as
+    ``write_policy`` checks and further: ``FULL_SCHEMAS`` schemas, the bench's readings
+    following ``SCHEMA``, DLP rules that block, redact and alert on the bench's topic
+    finding nothing in a reading, and rate limits on the publisher's readings that let
+    ``messages`` pass at once."""
+    path, policy = write_policy(directory, "policy-full.yaml", POLICY + FULL_SECTIONS)
+    problems = []
+    schemas = len(policy.spec.schemas.definitions)
+    if schemas != FULL_SCHEMAS:
+        problems.append(f"{schemas} schemas, not {FULL_SCHEMAS}")
+    expectation = policy.schemas.expectation(TOPIC)
+    try:
+        if expectation is None:
+            raise SchemaViolation(f"no schema applies to {TOPIC}")
+        for seq in (0, 10**9):
+            expectation.check(SCHEMA, json.dumps(payload(seq)).encode())
+    except SchemaViolation as exc:
+        problems.append(f"a reading does not follow {SCHEMA}: {exc}")
+    actions = {r.action for r in policy.spec.dlp.rules if any(matches(t, TOPIC) for t in r.topics)}
+    if actions != {"block", "redact", "alert"}:
+        problems.append(f"DLP on {TOPIC} is {sorted(actions)}, not block, redact and alert")
+    scanner = policy.scanner
+    findings = () if scanner is None else scanner.scan(payload(0), topic=TOPIC).findings
+    if findings:
+        problems.append(f"DLP finds {sorted({f.kind for f in findings})} in a reading")
+    publisher = policy.principal(BENCH_PRINCIPALS[PUBLISHER_ID])
+    assert publisher is not None  # write_policy checked it
+    names = {publisher.name, *publisher.roles, "*"}
+    limits = [
+        (name, spec)
+        for name, spec in policy.rate_limits.items()
+        if names & set(spec.who) and any(matches(t, TOPIC) for t in spec.topics)
+    ]
+    if not limits:
+        problems.append(f"no rate limit applies to {TOPIC}")
+    problems += [
+        f"rate limit {name} ({spec.describe()}) could bind {messages:,} readings"
+        for name, spec in limits
+        if spec.capacity < messages
+    ]
+    if problems:
+        raise BenchError(
+            "the full path's policy does not fit the bench:\n  " + "\n  ".join(problems)
+        )
     return path, policy
 
 
@@ -867,13 +1108,15 @@ async def mesh_round(
     count: int,
     args: argparse.Namespace,
     figures: Figures,
+    *,
+    schema: str | None = None,
 ) -> None:
-    """One blast through the gateway, measured by the subscriber."""
+    """One blast through the gateway, measured by the subscriber; the publisher names
+    ``schema`` (if any)."""
     cpu_before = cpu_seconds(children.procs.get("gateway"))
     await client.request(SUBSCRIBER_ID, "expect", {"warmup": warmup, "count": count}, timeout=10)
-    await client.request(
-        PUBLISHER_ID, "plan", {"total": warmup + count, "in_flight": args.in_flight}, timeout=10
-    )
+    plan = {"total": warmup + count, "in_flight": args.in_flight, "schema": schema}
+    await client.request(PUBLISHER_ID, "plan", plan, timeout=10)
     result = asyncio.ensure_future(
         client.request(
             SUBSCRIBER_ID, "result", {"timeout": args.phase_timeout}, timeout=args.phase_timeout + 5
@@ -926,14 +1169,16 @@ def percentile(samples: Sequence[float], q: float) -> float:
 @dataclass
 class MeshSetup:
     """How the mesh's processes run: ``pass-through`` (the gateway in open mode, every party
-    as the bench's broker user) or ``authorized`` (the gateway enforcing ``POLICY``, every
-    party as its principal's broker user).  ``client`` is the control client "bench-ctl"
-    connected as that setup's user."""
+    as the bench's broker user), ``authorized`` (the gateway enforcing ``POLICY``, every
+    party as its principal's broker user) or ``full`` (as authorized, the policy with
+    ``FULL_SECTIONS``, the gateway auditing).  ``client`` is the control client "bench-ctl"
+    connected as that setup's user; ``schema`` what the publisher names (``x-mesh-schema``)."""
 
     name: str
     client: Agent
     gateway_env: dict[str, str] = field(default_factory=dict)
     agent_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    schema: str | None = None
 
     @property
     def gateway_log(self) -> str:
@@ -1021,7 +1266,10 @@ async def orchestrate(args: argparse.Namespace) -> int:
     logdir = Path(tempfile.mkdtemp(prefix=f"{vhost.name}-"))
     url = vhost_url(base_url, vhost.name)
     env = dict(os.environ)
-    env.pop("MESH_POLICY", None)  # the pass-through gateway enforces none; the authorized one ours
+    # The pass-through gateway enforces no policy and keeps no trail; the others ours.
+    for name in ("MESH_POLICY", "MESH_AUDIT_KEY", "MESH_AUDIT_KEY_FILE", "MESH_AUDIT_KEYS_FILE"):
+        env.pop(name, None)
+    audit_key = secrets.token_hex(32)
     env.update(
         {
             "MESH_AMQP_URL": url,
@@ -1034,11 +1282,15 @@ async def orchestrate(args: argparse.Namespace) -> int:
     clients: list[Agent] = []
     rounds = max(1, args.rounds)
     warmup, count = max(1, args.warmup // rounds), max(1, args.count // rounds)
-    raw, mesh, authorized, audited = Figures(), Figures(), Figures(), Figures()
+    raw, mesh, authorized, full, audited = (Figures() for _ in range(5))
     try:
         await vhost.create()
         load = os.getloadavg()[0]
-        paths = "raw, pass-through mesh" + ("" if args.skip_authorized else ", authorized mesh")
+        paths = ", ".join(
+            ["raw", "pass-through mesh"]
+            + ([] if args.skip_authorized else ["authorized mesh"])
+            + ([] if args.skip_full else ["full pipeline"])
+        )
         say(
             f"throughput: {count * rounds:,} messages per path after {warmup * rounds:,} warm-up "
             f"({rounds} alternating rounds of {paths}), {len(body(0))}-byte JSON bodies, "
@@ -1052,8 +1304,8 @@ async def orchestrate(args: argparse.Namespace) -> int:
         await client.start()
         passthrough = MeshSetup("pass-through", client)
         secured: MeshSetup | None = None
-        if not args.skip_authorized:
-            policy_path, _ = write_policy(logdir)
+        complete: MeshSetup | None = None
+        if not (args.skip_authorized and args.skip_full):
             await users.create(url)
             secure_client = Client(
                 CONTROL_ID,
@@ -1061,6 +1313,14 @@ async def orchestrate(args: argparse.Namespace) -> int:
             )
             clients.append(secure_client)
             await secure_client.start()
+            agent_env = {a: {"MESH_AMQP_URL": users.urls[a]} for a in (PUBLISHER_ID, SUBSCRIBER_ID)}
+            say(
+                f"authorized mesh: policy of {POLICY_PRINCIPALS} principals and {POLICY_RULES} "
+                f"rules (checked with mesh.policy.load_policy); broker users "
+                + ", ".join(broker_user(namespace, p) for p in BENCH_PRINCIPALS.values())
+            )
+        if not args.skip_authorized:
+            policy_path, _ = write_policy(logdir)
             secured = MeshSetup(
                 "authorized",
                 secure_client,
@@ -1068,14 +1328,27 @@ async def orchestrate(args: argparse.Namespace) -> int:
                     "MESH_AMQP_URL": users.urls[GATEWAY_ID],
                     "MESH_POLICY": str(policy_path),
                 },
-                agent_env={
-                    a: {"MESH_AMQP_URL": users.urls[a]} for a in (PUBLISHER_ID, SUBSCRIBER_ID)
+                agent_env=agent_env,
+            )
+        if not args.skip_full:
+            full_path, full_policy = write_full_policy(logdir, (warmup + count) * rounds)
+            complete = MeshSetup(
+                "full",
+                secure_client,
+                gateway_env={
+                    "MESH_AMQP_URL": users.urls[GATEWAY_ID],
+                    "MESH_POLICY": str(full_path),
+                    "MESH_AUDIT_KEY": audit_key,
+                    "MESH_AUDIT_KEY_ID": AUDIT_KEY_ID,
                 },
+                agent_env=agent_env,
+                schema=SCHEMA,
             )
             say(
-                f"authorized mesh: policy of {POLICY_PRINCIPALS} principals and {POLICY_RULES} "
-                f"rules (checked with mesh.policy.load_policy); broker users "
-                + ", ".join(broker_user(namespace, p) for p in BENCH_PRINCIPALS.values())
+                f"full pipeline: the authorized mesh's policy with {FULL_SCHEMAS} schemas, "
+                f"{len(full_policy.spec.dlp.rules)} DLP rules and "
+                f"{len(full_policy.rate_limits)} rate limits (checked with the bench's readings), "
+                f"the gateway keeping the audit trail"
             )
         await start_gateway(children, passthrough)
         await start_agents(children, passthrough)
@@ -1087,21 +1360,19 @@ async def orchestrate(args: argparse.Namespace) -> int:
             if current is not setup:
                 await switch_mesh(children, setup)
                 current = setup
-            await mesh_round(setup.client, children, warmup, count, args, figures)
+            await mesh_round(
+                setup.client, children, warmup, count, args, figures, schema=setup.schema
+            )
 
+        # Even rounds: raw, pass-through, authorized, full; odd rounds the other way round.
+        order: list[tuple[MeshSetup | None, Figures]] = [(None, raw), (passthrough, mesh)]
+        order += [(setup, f) for setup, f in ((secured, authorized), (complete, full)) if setup]
         for i in range(rounds):
-            raw_queue = f"{RAW_QUEUE}.{i}"
-            if secured is None:
-                await raw_round(children, url, raw_queue, warmup, count, args, raw)
-                await through(passthrough, mesh)
-            elif i % 2 == 0:  # raw, pass-through, authorized; then the other way round
-                await raw_round(children, url, raw_queue, warmup, count, args, raw)
-                await through(passthrough, mesh)
-                await through(secured, authorized)
-            else:
-                await through(secured, authorized)
-                await through(passthrough, mesh)
-                await raw_round(children, url, raw_queue, warmup, count, args, raw)
+            for setup, figures in order if i % 2 == 0 else reversed(order):
+                if setup is None:
+                    await raw_round(children, url, f"{RAW_QUEUE}.{i}", warmup, count, args, raw)
+                else:
+                    await through(setup, figures)
         if current is not passthrough:
             await switch_mesh(children, passthrough)
         say(
@@ -1114,11 +1385,12 @@ async def orchestrate(args: argparse.Namespace) -> int:
             f"mesh.topic -> Sink subscriber behaviour (mailbox {Sink.mailbox_size}, concurrency "
             f"{Sink.max_concurrency}): {mesh.rate:,.0f} msg/s ({mesh.detail()})"
         )
+        denial = "mesh.gateway.relay: denied "
+        # A stopping gateway announces its leave through the gateway queue; the next
+        # gateway relays it, and an authorizing one denies the pass-through user.
+        farewell = f"from {base_user}/{GATEWAY_ID} on _registry.leave: "
         if secured is not None:
-            log, denial = logdir / secured.gateway_log, "mesh.gateway.relay: denied "
-            # A stopping gateway announces its leave through the gateway queue; the next
-            # gateway relays it, and an authorizing one denies the pass-through user.
-            farewell = f"from {base_user}/{GATEWAY_ID} on _registry.leave: "
+            log = logdir / secured.gateway_log
             denied, farewells, would_deny = count_lines(
                 log, denial, farewell, "mesh.gateway.authorize: would deny "
             )
@@ -1131,6 +1403,19 @@ async def orchestrate(args: argparse.Namespace) -> int:
             )
             for line in first_lines(log, denial, skip=farewell):
                 say(f"  {line}")
+        if complete is not None:
+            log = logdir / complete.gateway_log
+            denied, farewells = count_lines(log, denial, farewell)
+            say(
+                f"full          the same, every stage on: authorize, rate-limit, schema "
+                f"({SCHEMA} named), DLP, the audit trail (its log: {denied - farewells} denied; "
+                f"and {farewells} denied leave events of the stopped pass-through gateway, user "
+                f"{base_user}): {full.rate:,.0f} msg/s ({full.detail()})"
+            )
+            for line in first_lines(log, denial, skip=farewell):
+                say(f"  {line}")
+            verified = await verify_trail(namespace, audit_key)
+            say(verified.line)
 
         samples = await request_latency(client, args)
         p50, p99 = statistics.median(samples), percentile(samples, 0.99)
@@ -1160,7 +1445,7 @@ async def orchestrate(args: argparse.Namespace) -> int:
         if p50 > TARGET_P50_MS:
             missed.append(f"p50 {p50:.2f} ms > {TARGET_P50_MS:g} ms")
         targets = f"ratio >= {TARGET_RATIO}, request/reply p50 <= {TARGET_P50_MS:g} ms"
-        authorized_ratio = 0.0
+        authorized_ratio = full_ratio = 0.0
         if secured is not None:
             authorized_ratio = round(authorized.rate / mesh.rate, 2)
             targets += f", authorized/pass-through ratio >= {TARGET_AUTHORIZED_RATIO}"
@@ -1169,11 +1454,23 @@ async def orchestrate(args: argparse.Namespace) -> int:
                     f"authorized/pass-through ratio {authorized_ratio:.2f} "
                     f"< {TARGET_AUTHORIZED_RATIO}"
                 )
+        if complete is not None:
+            full_ratio = round(full.rate / mesh.rate, 2)
+            targets += f", full/pass-through ratio >= {TARGET_FULL_RATIO}, audit trail verifies"
+            if full_ratio < TARGET_FULL_RATIO:
+                missed.append(f"full/pass-through ratio {full_ratio:.2f} < {TARGET_FULL_RATIO}")
+            if not verified.ok:
+                missed.append("the audit trail does not verify")
         say(f"targets ({targets}): " + ("met" if not missed else "MISSED: " + "; ".join(missed)))
         if secured is not None:
             say(
                 f"authorized/pass-through ratio: {authorized_ratio:.2f} (authorized "
                 f"{authorized.rate:.0f} msg/s, pass-through {mesh.rate:.0f} msg/s)"
+            )
+        if complete is not None:
+            say(
+                f"full/pass-through ratio: {full_ratio:.2f} (full {full.rate:.0f} msg/s, "
+                f"pass-through {mesh.rate:.0f} msg/s)"
             )
         say(f"mesh/raw ratio: {ratio:.2f} (mesh {mesh.rate:.0f} msg/s, raw {raw.rate:.0f} msg/s)")
         return 1 if missed and args.check else 0
@@ -1182,6 +1479,33 @@ async def orchestrate(args: argparse.Namespace) -> int:
         raise BenchError(f"{type(exc).__name__}: {exc}\n{children.exited()}") from None
     finally:
         await asyncio.shield(cleanup(children, clients, users, vhost, namespace, logdir))
+
+
+@dataclass
+class Verified:
+    """What verifying the full path's audit trail found."""
+
+    ok: bool
+    line: str
+
+
+async def verify_trail(namespace: str, key: str) -> Verified:
+    """Verify the namespace's audit trail (``mesh.audit.verify_audit``) and time it."""
+    import redis.asyncio as aioredis
+
+    redis = aioredis.from_url(Settings.from_env().redis_url)
+    try:
+        report = await verify_audit(redis, namespace, AuditKeys({AUDIT_KEY_ID: key}, AUDIT_KEY_ID))
+    finally:
+        await redis.aclose()
+    rate = report.records / report.seconds if report.seconds > 0 else 0.0
+    verdict = "verifies" if report.ok else "FAILS: " + "; ".join(map(str, report.problems[:3]))
+    return Verified(
+        report.ok,
+        f"audit verify: {report.records:,} records in {len(report.chains)} chains and "
+        f"{report.checkpoints.records} checkpoints in {report.seconds:.2f} s, "
+        f"{rate:,.0f} records/s; the trail {verdict}",
+    )
 
 
 async def cleanup(
@@ -1237,6 +1561,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--skip-authorized",
         action="store_true",
         help="skip the authorized path (the gateway enforcing a policy, a broker user each)",
+    )
+    parser.add_argument(
+        "--skip-full",
+        action="store_true",
+        help="skip the full pipeline (every stage on: schemas, DLP, rate limits, audit trail)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--role", choices=["raw-consumer", "raw-publisher"], help=argparse.SUPPRESS)
