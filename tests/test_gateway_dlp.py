@@ -26,6 +26,8 @@ rule_sets:
     rules:
       - {allow: publish, who: vehicles, topics: "vehicle.{self}.#"}
       - {allow: subscribe, who: monitor, topics: "vehicle.#"}
+schemas:
+  require: ["vehicle.*.log"]   # the size cap refuses before the schema stage parses anything
 dlp:
   max_payload_bytes: 2048
   rules:

@@ -19,7 +19,7 @@ from mesh.gateway.audit import AuditTrail
 from mesh.gateway.authenticate import Authenticate
 from mesh.gateway.authorize import Authorize
 from mesh.gateway.decode import Decode
-from mesh.gateway.dlp import DataLossPrevention
+from mesh.gateway.dlp import DataLossPrevention, SizeCap
 from mesh.gateway.filer import DeadLetterFiler
 from mesh.gateway.gate import RedisGate
 from mesh.gateway.guard import Guard
@@ -43,6 +43,7 @@ def default_stages(
     *,
     authorize: Authorize | None = None,
     rate_limit: RateLimit | None = None,
+    size_cap: SizeCap | None = None,
     schema: SchemaCheck | None = None,
     dlp: DataLossPrevention | None = None,
     indexer: RegistryIndexer | None = None,
@@ -51,11 +52,11 @@ def default_stages(
     """The gateway's stages, in order.  ``authorize`` enforces a policy (without it: open
     mode); ``rate_limit``, ``schema`` and ``dlp`` apply its limits, payload schemas and
     data-loss prevention (before the indexer and reply bindings act on a message they
-    refuse); ``indexer`` keeps the
+    refuse), ``size_cap`` DLP's size limit before anything parses the body; ``indexer`` keeps the
     registry's indexes from registry events, and without it discovery finds no agent;
     ``replies`` (a ``BindReplies`` on the mesh's Redis) binds replies to requests, and a
     gateway without it relays any reply."""
-    optional = (authorize, rate_limit, schema, dlp, indexer, replies)
+    optional = (authorize, rate_limit, size_cap, schema, dlp, indexer, replies)
     return [Decode(), Guard(gateway), Authenticate(), *(s for s in optional if s is not None)]
 
 
@@ -114,6 +115,7 @@ class Gateway(Agent):
             if limits
             else None,
             schema=SchemaCheck(schemas) if schemas.declared else None,
+            size_cap=None if policy.scanner is None else SizeCap(policy.scanner),
             dlp=None if policy.scanner is None else DataLossPrevention(policy.scanner),
             indexer=indexer,
             replies=replies,

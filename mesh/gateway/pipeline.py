@@ -7,9 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import pydantic_core
 from aio_pika.abc import AbstractIncomingMessage
 
 logger = logging.getLogger(__name__)
+
+_UNPARSED = object()
 
 
 class Denied(Exception):
@@ -52,6 +55,19 @@ class Passage:
     """The JSON paths a stage redacted."""
     findings: list[tuple[str, str]] = field(default_factory=list)
     """What data-loss prevention found: (kind, JSON path), never the value."""
+    _parsed: Any = field(default=_UNPARSED, init=False, repr=False)
+
+    def payload(self) -> Any:
+        """The sender's body as JSON, parsed once for every stage that reads it; ``ValueError``
+        when it is not JSON (pydantic-core's parser also refuses nesting too deep to walk)."""
+        if self._parsed is _UNPARSED:
+            try:
+                self._parsed = pydantic_core.from_json(self.incoming.body)
+            except ValueError as exc:
+                self._parsed = exc
+        if isinstance(self._parsed, ValueError):
+            raise self._parsed
+        return self._parsed
 
 
 class Stage(Protocol):

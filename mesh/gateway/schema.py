@@ -30,6 +30,11 @@ class SchemaCheck:
         if isinstance(named, bytes):  # AMQP long strings arrive as bytes from some clients
             named = named.decode("utf-8", "replace")
         try:
-            expectation.check(None if named is None else str(named), passage.incoming.body)
+            schema = expectation.version(None if named is None else str(named))
+            try:
+                payload = passage.payload() if passage.incoming.body else None
+            except ValueError:
+                raise SchemaViolation(f"the payload is not JSON ({schema.id})") from None
+            expectation.validate(schema, payload)
         except SchemaViolation as exc:
             raise Denied(self.name, str(exc)) from None

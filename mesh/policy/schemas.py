@@ -143,6 +143,17 @@ class Expectation:
 
         Raises ``SchemaViolation`` naming what is wrong and what the key accepts.
         """
+        schema = self.version(named)
+        try:
+            payload = pydantic_core.from_json(body) if body else None
+        except ValueError:
+            raise SchemaViolation(f"the payload is not JSON ({schema.id})") from None
+        self.validate(schema, payload)
+        return schema
+
+    def version(self, named: str | None) -> SchemaVersion:
+        """The schema version ``named`` (``x-mesh-schema``) if the key accepts it; else
+        ``SchemaViolation`` naming what it accepts."""
         key = self.routing_key
         if not self.accepted:
             raise SchemaViolation(
@@ -159,14 +170,14 @@ class Expectation:
             raise SchemaViolation(
                 f"x-mesh-schema {shown(named)} is not accepted on {key!r} (accepted: {accepts})"
             )
-        try:
-            payload = pydantic_core.from_json(body) if body else None
-        except ValueError:
-            raise SchemaViolation(f"the payload is not JSON ({schema.id})") from None
+        return schema
+
+    @staticmethod
+    def validate(schema: SchemaVersion, payload: Any) -> None:
+        """``SchemaViolation`` with the path and rule, no value, if ``payload`` fails ``schema``."""
         error = best_match(schema.validator.iter_errors(payload))
         if error is not None:
             raise SchemaViolation(f"{describe(error)} ({schema.id})")
-        return schema
 
 
 class PayloadSchemas:
