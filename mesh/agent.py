@@ -360,6 +360,7 @@ class Agent(Service):
             raise failures[0]
 
     async def on_stop(self) -> None:
+        served = self._serving
         self._leaving, self._serving = True, False
         await asyncio.gather(*(b.stop() for b in self.behaviour_map.values()))
         await asyncio.gather(*self._membership_tasks, return_exceptions=True)
@@ -382,7 +383,14 @@ class Agent(Service):
                 logger.debug("closing inbox channel: %r", exc)
         await self.transport.close()
         await self.redis.aclose()
-        logger.info("agent %s/%s stopped", self.id, self.instance)
+        # After a start that failed, its error is the line to read; "stopped" would suggest
+        # the agent had been running.
+        logger.log(
+            logging.INFO if served else logging.DEBUG,
+            "agent %s/%s stopped",
+            self.id,
+            self.instance,
+        )
 
     async def on_drained(self) -> None:
         """Called as the agent stops, once its behaviours finished and before its connections

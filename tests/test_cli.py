@@ -85,7 +85,8 @@ def test_missing_vhost_and_bad_password_are_named_in_one_line(services: Services
 
 def test_run_without_a_broker_says_so_in_lines_of_its_own_and_exits_1() -> None:
     """``mesh run`` keeps trying for MESH_CONNECT_TIMEOUT with one warning, then fails with
-    one error line: no traceback, no line per attempt from aio-pika or aiormq."""
+    one error line, and that is all it prints: no traceback, no line per attempt from aio-pika
+    or aiormq."""
     port = free_port()
     result = mesh(
         "run",
@@ -99,5 +100,7 @@ def test_run_without_a_broker_says_so_in_lines_of_its_own_and_exits_1() -> None:
     unreachable = [line for line in result.stderr.splitlines() if "RabbitMQ unreachable" in line]
     assert len(unreachable) == 2, result.stderr  # "trying again for 1.5s", then the error
     assert "trying again for 1.5s" in unreachable[0]
+    # Nor mode's lifecycle lines, nor "agent v1 stopped" for an agent that never started.
+    assert result.stderr.splitlines() == unreachable, result.stderr
     for noise in ("Traceback", "Reconnecting after", "error when creating transport"):
         assert noise not in result.stderr

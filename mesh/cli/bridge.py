@@ -19,18 +19,49 @@ from mesh.topology import TopicError
         "mesh bridge --insecure-open   # no policy: anyone may do anything",
     )
 )
-@click.option("--host", envvar="MESH_BRIDGE_HOST", default="127.0.0.1", show_default=True,
-              help="Address to listen on (MESH_BRIDGE_HOST).")
-@click.option("--port", envvar="MESH_BRIDGE_PORT", type=click.IntRange(0, 65535), default=8080,
-              show_default=True, help="Port to listen on (MESH_BRIDGE_PORT).")
-@click.option("--id", "agent_id", envvar="MESH_BRIDGE_ID", default="bridge", show_default=True,
-              help="The bridge's agent id; its principal must be kind: bridge (MESH_BRIDGE_ID).")
-@click.option("--gateway", "gateway_id", envvar="MESH_BRIDGE_GATEWAY", default="gateway",
-              show_default=True,
-              help="The gateway's agent id, which redrives dead letters (MESH_BRIDGE_GATEWAY).")
-@click.option("--insecure-open", is_flag=True, envvar="MESH_BRIDGE_INSECURE_OPEN",
-              help="Serve without a policy: no tokens, every caller may do anything.")
-@click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--host",
+    envvar="MESH_BRIDGE_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (MESH_BRIDGE_HOST).",
+)
+@click.option(
+    "--port",
+    envvar="MESH_BRIDGE_PORT",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="Port to listen on (MESH_BRIDGE_PORT).",
+)
+@click.option(
+    "--id",
+    "agent_id",
+    envvar="MESH_BRIDGE_ID",
+    default="bridge",
+    show_default=True,
+    help="The bridge's agent id; its principal must be kind: bridge (MESH_BRIDGE_ID).",
+)
+@click.option(
+    "--gateway",
+    "gateway_id",
+    envvar="MESH_BRIDGE_GATEWAY",
+    default="gateway",
+    show_default=True,
+    help="The gateway's agent id, which redrives dead letters (MESH_BRIDGE_GATEWAY).",
+)
+@click.option(
+    "--insecure-open",
+    is_flag=True,
+    envvar="MESH_BRIDGE_INSECURE_OPEN",
+    help="Serve without a policy: no tokens, every caller may do anything.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(logcontext.LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+)
 def bridge(  # noqa: PLR0917 -- one parameter per option, as click passes them
     host: str, port: int, agent_id: str, gateway_id: str, insecure_open: bool, log_level: str
 ) -> None:

@@ -43,9 +43,7 @@ def run_worker(agent: Agent, log_level: str) -> None:
     settings = agent.settings
     if settings.health_port is not None:
         services.insert(0, HealthServer(agent, settings.health_port, settings.health_host))
-    worker = Worker(
-        *services, override_logging=False, loglevel=log_level, redirect_stdouts=False
-    )
+    worker = Worker(*services, override_logging=False, loglevel=log_level, redirect_stdouts=False)
     worker.execute_from_commandline()
 
 
@@ -72,6 +70,7 @@ MIGRATE_HELP = (
 @click.option("--instance", default=None, help="Instance id (default: random).")
 @click.option(
     "--log-level",
+    type=click.Choice(logcontext.LEVELS, case_sensitive=False),
     default="info",
     show_default=True,
     help="debug logs every message handled (behaviour, topic, id, outcome, duration).",
@@ -90,9 +89,16 @@ def run(
 
 
 @click.command(epilog=example("mesh gateway", "mesh gateway --instance gw-2"))
-@click.option("--id", "agent_id", default="gateway", show_default=True)
-@click.option("--instance", default=None)
-@click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--id", "agent_id", default="gateway", show_default=True, help="The gateway's agent id."
+)
+@click.option("--instance", default=None, help="Instance id (default: random).")
+@click.option(
+    "--log-level",
+    type=click.Choice(logcontext.LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+)
 @click.option("--migrate-queues", is_flag=True, help=MIGRATE_HELP)
 def gateway(agent_id: str, instance: str | None, log_level: str, migrate_queues: bool) -> None:
     """Run a gateway replica: relay mesh.policy to mesh.topic, file dead letters."""
