@@ -28,6 +28,11 @@ _QUEUE_COLUMNS = "name,type,messages,consumers,arguments,durable,exclusive,auto_
 class ManagementError(RuntimeError):
     """The management API refused a call or does not answer; the text says which and why."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """The HTTP status of a refusal; None when the API did not answer."""
+
 
 @dataclass(frozen=True)
 class QueueInfo:
@@ -119,11 +124,13 @@ class ManagementAPI:
         if exc.code == 401:
             return ManagementError(
                 f"the management API at {self.base} refused user {self.user!r} "
-                "(wrong password, or the user lacks the management tag)"
+                "(wrong password, or the user lacks the management tag)",
+                401,
             )
         return ManagementError(
             f"{method} {self.base}/api/{path}: HTTP {exc.code} {exc.reason}"
-            + (f": {detail}" if detail else "")
+            + (f": {detail}" if detail else ""),
+            exc.code,
         )
 
     async def create_vhost(self, vhost: str) -> None:
@@ -140,12 +147,19 @@ class ManagementAPI:
         try:
             await self.call("DELETE", f"vhosts/{_part(vhost)}")
         except ManagementError as exc:
-            if "HTTP 404" not in str(exc):
+            if exc.status != 404:
                 raise
 
     async def queues(self, vhost: str) -> list[QueueInfo]:
         """Every queue in ``vhost``."""
-        found = await self.call("GET", f"queues/{_part(vhost)}?columns={_QUEUE_COLUMNS}")
+        try:
+            found = await self.call("GET", f"queues/{_part(vhost)}?columns={_QUEUE_COLUMNS}")
+        except ManagementError as exc:
+            if exc.status != 404:
+                raise
+            raise ManagementError(
+                f"vhost {vhost!r} does not exist on the broker at {self.base}", 404
+            ) from None
         return [
             QueueInfo(
                 name=q["name"],
@@ -178,7 +192,7 @@ class ManagementAPI:
         try:
             await self.call("DELETE", f"users/{_part(name)}")
         except ManagementError as exc:
-            if "HTTP 404" not in str(exc):
+            if exc.status != 404:
                 raise
 
     async def set_permissions(

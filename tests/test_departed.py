@@ -4,6 +4,7 @@ full queue drops is dead-lettered and counted."""
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -154,6 +155,19 @@ async def test_queues_lists_depth_drops_and_owners_and_forget_removes_the_depart
         exchanges = set(await api.exchanges(vhost_of(settings)))
         assert topology.requeue_exchange("zz") not in exchanges  # its retry path went too
         assert topology.requeue_exchange("live") in exchanges
+
+
+async def test_queues_and_forget_name_a_vhost_that_does_not_exist(settings: Settings) -> None:
+    """Not the management API's bare ``HTTP 404 Not Found`` for the vhost's queues."""
+    url = urlsplit(settings.amqp_url)
+    elsewhere = settings.model_copy(
+        update={"amqp_url": url._replace(path="/no-such-vhost").geturl()}
+    )
+    for command in (["queues"], ["forget", "zz", "--yes"]):
+        code, out, err = await mesh_cli(elsewhere, *command)
+        assert code == 1, (command, out, err)
+        [line] = err.splitlines()
+        assert "vhost 'no-such-vhost' does not exist" in line, (command, err)
 
 
 class Disposable(SubscriberBehaviour):
