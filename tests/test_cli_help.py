@@ -32,3 +32,22 @@ def test_every_command_help_has_an_example() -> None:
         examples = result.output.partition("Examples:")[2]
         assert examples, f"mesh {' '.join(path)} --help has no Examples"
         assert f"mesh {' '.join(path)}".strip() in examples, (path, examples)
+
+
+def test_every_option_says_what_it_does() -> None:
+    """No option's --help line is bare (``--json`` alone, ``--timeout FLOAT`` alone)."""
+    bare = []
+    for path in commands(main):
+        command = main
+        ctx = click.Context(main)
+        for name in path:
+            assert isinstance(command, click.Group)
+            found = command.get_command(ctx, name)
+            assert found is not None, path
+            command = found
+        bare += [
+            f"mesh {' '.join(path)} {option.opts[0]}"
+            for option in command.params
+            if isinstance(option, click.Option) and not option.help and not option.hidden
+        ]
+    assert bare == []

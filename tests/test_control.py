@@ -181,6 +181,16 @@ async def test_cli_ping_json(settings: Settings) -> None:
     assert alpha_record.pid == os.getpid()
 
 
+async def test_cli_names_an_unknown_behaviour_in_words(settings: Settings) -> None:
+    """``mesh behaviour stop`` prints the agent's error as text, not a Python dict."""
+    alpha = Alpha("alpha", settings=settings, instance="a1")
+    async with running(Gateway(settings=settings), alpha):
+        code, out, err = await mesh_cli(settings, "behaviour", "stop", "alpha", "nope")
+    assert code == 1, (out, err)
+    [line] = err.splitlines()
+    assert line.startswith("alpha/a1: KeyError: agent alpha has no behaviour 'nope'"), line
+
+
 async def test_mesh_shutdown_all_stops_every_agent_but_the_gateway(settings: Settings) -> None:
     """``mesh shutdown _all`` reaches every agent's instances; gateways take no command sent
     to all, so the mesh can still be driven afterwards."""

@@ -46,7 +46,7 @@ def _ago(moment: datetime | None) -> str:
         "mesh agents", "mesh agents --capability telemetry --json", "mesh agents show v7"
     ),
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of the agents.")
 @click.option("--capability", default=None, help="Only agents with this capability.")
 @click.option("--topic", default=None, help="Only agents with a behaviour receiving this topic.")
 @click.option("--all", "show_all", is_flag=True, help="Include lapsed instances not yet pruned.")
@@ -80,7 +80,7 @@ def agents(
 
 @agents.command("show", epilog=example("mesh agents show v7", "mesh agents show v7 --json"))
 @click.argument("agent_id")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="The agent's record as JSON.")
 def agents_show(agent_id: str, as_json: bool) -> None:
     """Show one agent: every instance with its behaviours."""
     record = _registry_query(lambda r: r.agent(agent_id))

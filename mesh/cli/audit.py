@@ -144,7 +144,7 @@ def audit() -> None:
 
 @audit.command(epilog=example("mesh audit verify", "mesh audit verify --json"))
 @click.option("--chain", "chains", multiple=True, help="Only this chain (repeatable).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
 def verify(ctx: click.Context, chains: tuple[str, ...], as_json: bool) -> None:
     """Verify every record and checkpoint; name the first record that does not verify.
@@ -175,7 +175,7 @@ def verify(ctx: click.Context, chains: tuple[str, ...], as_json: bool) -> None:
 
 
 @audit.command(epilog=example("mesh audit chains", "mesh audit chains --json"))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def chains(as_json: bool) -> None:
     """List the audit chains (one per gateway replica run) with their records."""
 
@@ -257,7 +257,7 @@ def tail(
 @click.option("--since", default=None, help="From this time: 1h (ago) or 2024-06-01T12:00.")
 @click.option("--until", default=None, help="Before this time: 10m (ago) or 2024-06-01T13:00.")
 @click.option("--limit", default=100, show_default=True, help="Records shown at most (0: all).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def query(
     *,
     principal: str | None,
@@ -334,7 +334,7 @@ def export(
 
 @audit.command("trim", epilog=example("mesh audit trim --keep 7d", "mesh audit trim --keep 12h"))
 @click.option("--keep", required=True, help="Keep records younger than this: 7d, 12h, 2w …")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def trim_command(keep: str, as_json: bool) -> None:
     """Remove audit records older than --keep, after verifying the whole trail.
 

@@ -61,6 +61,7 @@ from mesh.topology import TopicError
     type=click.Choice(logcontext.LEVELS, case_sensitive=False),
     default="info",
     show_default=True,
+    help="How much the bridge logs (its HTTP access log at info).",
 )
 def bridge(  # noqa: PLR0917 -- one parameter per option, as click passes them
     host: str, port: int, agent_id: str, gateway_id: str, insecure_open: bool, log_level: str

@@ -16,7 +16,7 @@ from mesh.topology import TopicError
 @click.command(epilog=example("mesh ping", "mesh ping --agent v7 --timeout 3 --json"))
 @click.option("--agent", default=topology.ALL_AGENTS, help="Only this agent's instances.")
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to collect answers.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of the answers.")
 def ping(agent: str, timeout: float, as_json: bool) -> None:
     """Ping agents; list the instances that answered, with their behaviours."""
     replies = with_client(lambda client: client.ping(agent, timeout=timeout))
@@ -30,6 +30,9 @@ def ping(agent: str, timeout: float, as_json: bool) -> None:
         click.echo(f"{reply.agent}/{reply.instance}  pid {reply.pid}  {behaviours or '-'}")
 
 
+ANSWER_TIMEOUT = "Seconds to collect the instances' answers."
+
+
 def _control(agent: str, command: str, payload: dict[str, Any], timeout: float) -> None:
     answers = with_client(lambda client: client.control(agent, command, payload, timeout=timeout))
     if not answers:
@@ -39,24 +42,29 @@ def _control(agent: str, command: str, payload: dict[str, Any], timeout: float) 
         instance = answer.instance or "?"
         if answer.type == "error":
             failed = True
-            click.echo(f"{answer.app_id}/{instance}: error: {answer.payload}", err=True)
+            click.echo(f"{answer.app_id}/{instance}: {_error_text(answer.payload)}", err=True)
         else:
             click.echo(f"{answer.app_id}/{instance}: {json.dumps(answer.payload)}")
     if failed:
         sys.exit(1)
 
 
-@click.group(
-    epilog=example("mesh behaviour stop v7 report", "mesh behaviour start v7 report")
-)
+@click.group(epilog=example("mesh behaviour stop v7 report", "mesh behaviour start v7 report"))
 def behaviour() -> None:
     """Start or stop a behaviour of a running agent (every instance)."""
+
+
+def _error_text(payload: Any) -> str:
+    """An agent's error answer ``{"error": text, "type": name}`` as the text a user reads."""
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        return f"{payload.get('type') or 'error'}: {payload['error']}"
+    return f"error: {payload}"
 
 
 @behaviour.command("start", epilog=example("mesh behaviour start v7 report"))
 @click.argument("agent")
 @click.argument("name")
-@click.option("--timeout", default=2.0, show_default=True)
+@click.option("--timeout", default=2.0, show_default=True, help=ANSWER_TIMEOUT)
 def behaviour_start(agent: str, name: str, timeout: float) -> None:
     """Start behaviour NAME of AGENT."""
     _control(agent, "start_behaviour", {"behaviour": name}, timeout)
@@ -65,7 +73,7 @@ def behaviour_start(agent: str, name: str, timeout: float) -> None:
 @behaviour.command("stop", epilog=example("mesh behaviour stop v7 report --timeout 10"))
 @click.argument("agent")
 @click.argument("name")
-@click.option("--timeout", default=5.0, show_default=True)
+@click.option("--timeout", default=5.0, show_default=True, help=ANSWER_TIMEOUT)
 def behaviour_stop(agent: str, name: str, timeout: float) -> None:
     """Stop behaviour NAME of AGENT (in-flight messages finish first)."""
     _control(agent, "stop_behaviour", {"behaviour": name}, timeout)
@@ -73,7 +81,7 @@ def behaviour_stop(agent: str, name: str, timeout: float) -> None:
 
 @click.command(epilog=example("mesh shutdown v7"))
 @click.argument("agent")
-@click.option("--timeout", default=2.0, show_default=True)
+@click.option("--timeout", default=2.0, show_default=True, help=ANSWER_TIMEOUT)
 def shutdown(agent: str, timeout: float) -> None:
     """Ask every instance of AGENT to drain and exit."""
     _control(agent, "shutdown", {}, timeout)
@@ -89,7 +97,7 @@ def shutdown(agent: str, timeout: float) -> None:
 @click.argument("agent")
 @click.argument("operation")
 @click.argument("payload", default="{}")
-@click.option("--timeout", default=5.0, show_default=True)
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the reply.")
 @click.option(
     "--schema",
     default=None,

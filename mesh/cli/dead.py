@@ -157,7 +157,7 @@ def dead() -> None:
     type=click.IntRange(min=0),
     help="Show the newest N (0: all).",
 )
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def list_(topic: str | None, queue: str | None, limit: int, as_json: bool) -> None:
     """List dead letters, oldest first and the newest last, as a log reads.
 
@@ -191,7 +191,7 @@ def list_(topic: str | None, queue: str | None, limit: int, as_json: bool) -> No
 
 @dead.command(epilog=example("mesh dead show 42", "mesh dead show 42 --json"))
 @click.argument("id", type=click.IntRange(min=0))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def show(id: int, as_json: bool) -> None:
     """Show dead letter ID whole: where and why it died, its properties, headers and
     payload."""
@@ -259,7 +259,7 @@ def _echo_fields(fields: list[tuple[str, str]]) -> None:
               "whose the queue is.")
 @click.option("--gateway", default="gateway", show_default=True, help="The gateway's agent id.")
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds per request.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_context
 def redrive(  # noqa: PLR0917 -- one parameter per option, as click passes them
     ctx: click.Context,

@@ -47,7 +47,7 @@ def _with_inventory(func: Callable[[Inventory], Awaitable[T]]) -> T:
 )
 @click.option("--agent", default=None, help="Only this agent's queues.")
 @click.option("--gone", is_flag=True, help="Only queues whose agent or instance is not alive.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def queues(agent: str | None, gone: bool, as_json: bool) -> None:
     """List the mesh's queues: depth, consumers, drops and owner (live or gone).
 

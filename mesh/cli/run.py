@@ -98,6 +98,7 @@ def run(
     type=click.Choice(logcontext.LEVELS, case_sensitive=False),
     default="info",
     show_default=True,
+    help="debug logs every message relayed or refused.",
 )
 @click.option("--migrate-queues", is_flag=True, help=MIGRATE_HELP)
 def gateway(agent_id: str, instance: str | None, log_level: str, migrate_queues: bool) -> None:

@@ -74,7 +74,7 @@ def revoke(name: str, policy_file: str) -> None:
     ),
 )
 @_POLICY
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def list_tokens(policy_file: str, as_json: bool) -> None:
     """List the tokens issued, revoked ones too (names and dates; never a token)."""
     try:
