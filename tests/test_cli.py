@@ -62,6 +62,13 @@ def test_run_names_the_missing_class_and_the_modules_agents() -> None:
     assert "Agent classes in it: Intruder, Monitor, Vehicle" in result.stderr
     assert "Traceback" not in result.stderr
 
+    result = mesh("run", "plant:Sensor", "--id", "v1")
+    assert result.returncode == 2
+    assert (
+        f"cannot import 'plant': No module named 'plant'; looked in the current directory ({ROOT})"
+        in " ".join(result.stderr.split())  # click wraps long lines
+    ), result.stderr
+
 
 def test_missing_vhost_and_bad_password_are_named_in_one_line(services: Services) -> None:
     """A vhost the user cannot open, or a refused login, is one line naming vhost and user

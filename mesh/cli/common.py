@@ -39,6 +39,11 @@ def load_agent_class(spec: str) -> type[Agent]:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        where = f"the current directory ({os.getcwd()}), PYTHONPATH and installed packages"
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc}; looked in {where}"
+        ) from None
     except ImportError as exc:
         raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
     cls = getattr(module, attr, None)
