@@ -63,12 +63,16 @@ class ModeLifecycleFilter(logging.Filter):
         return record.levelno >= logging.WARNING or not record.pathname.startswith(self._mode)
 
 
-def configure(level: int | str = logging.INFO) -> None:
-    """Log to stderr with the mesh's context; for the ``mesh`` command, not for libraries."""
+def configure(level: int | str = logging.INFO, *, brief: bool = False) -> None:
+    """Log to stderr with the mesh's context; for the ``mesh`` command, not for libraries.
+
+    ``brief``: the message alone, for a command that runs once (``mesh publish``), as the
+    commands that log nothing themselves show a warning.
+    """
     handler = logging.StreamHandler()
     handler.addFilter(ContextFilter())
     handler.addFilter(ModeLifecycleFilter())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(logging.Formatter("%(message)s" if brief else LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

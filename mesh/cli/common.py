@@ -80,7 +80,7 @@ def with_client(func: Callable[[Agent], Awaitable[T]]) -> T:
         async with client:
             return await func(client)
 
-    logcontext.configure("WARNING")
+    logcontext.configure("WARNING", brief=True)
     try:
         return asyncio.run(main())
     except (BrokerUnavailable, PublishError, RequestTimeout, RemoteError, TopicError) as exc:
