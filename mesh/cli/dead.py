@@ -212,7 +212,8 @@ def show(id: int, as_json: bool) -> None:
         ("topic", d.topic),
         ("type", d.type),
         ("reason", d.reason),
-        ("message id", d.message_id),
+        # The sender's id (x-mesh-id); properties.message_id is the relayed copy's own.
+        ("sender's message id", d.message_id),
         ("sender", f"{d.sender or '?'}/{d.sender_instance or '?'}"),
         ("sender user", d.sender_user or "-"),
         ("dead-lettered by", f"{d.dead_by_user or '-'} (claims agent {d.dead_by or '-'})"),
