@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import pytest
 from agents_core import Broker, Recorder, broker, recorder
+from aio_pika.abc import AbstractQueue, AbstractRobustChannel
 from helpers import eventually, running, take
 
 from behaviours import (
@@ -341,6 +342,43 @@ async def test_many_behaviours_run_concurrently(settings: Settings) -> None:
         )
 
 
+class Starters(Agent):
+    """Its behaviours' queue declarations meet at ``declaring`` before any goes on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.declaring = asyncio.Barrier(len(self.behaviours))
+
+
+def starter(index: int) -> type[SubscriberBehaviour]:
+    class Starter(SubscriberBehaviour):
+        name = f"starter{index}"
+
+        async def declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
+            agent = self.agent
+            assert isinstance(agent, Starters)
+            # Passes only when every behaviour is declaring at the same time.
+            await asyncio.wait_for(agent.declaring.wait(), 10)
+            return await super().declare_queue(channel)
+
+        @on(f"start.{index}")
+        async def handle(self, msg: Message, payload: object) -> None:
+            return None
+
+    return Starter
+
+
+async def test_an_agent_declares_its_behaviours_queues_at_once(settings: Settings) -> None:
+    """Starting 1,000 behaviours one after another took 12.5 s: they start concurrently."""
+
+    class FourStarters(Starters):
+        behaviours = [starter(i) for i in range(4)]
+
+    agent = FourStarters("starters", settings=settings)
+    async with running(agent):
+        assert all(b.is_running for b in agent.behaviour_map.values())
+
+
 class Gatekeeper(Recorder):
     """Handlers wait at ``gate`` (a semaphore the test releases) after entering."""
 
@@ -397,8 +435,9 @@ async def test_mailbox_bounds_unacked_messages(quick: Settings) -> None:
 
         for handled in range(1, 4):
             agent.gate.release()
-            await eventually(lambda h=handled: depth_is(amqp, queue, total - mailbox - h),
-                             timeout=5)
+            await eventually(
+                lambda h=handled: depth_is(amqp, queue, total - mailbox - h), timeout=5
+            )
             await eventually(lambda h=handled: agent.counts["entered"] == h + 1, timeout=5)
 
         for _ in range(total):

@@ -51,7 +51,7 @@ async def test_request_to_a_departed_agent_fails_at_once(settings: Settings) -> 
         fresh = Client(settings=settings)
         async with running(fresh):
             with pytest.raises(RemoteError) as caught:
-                await fresh.request("calc", "add", {"a": 1, "b": 2}, timeout=120)
+                await fresh.request("calc", "add", {"a": 1, "b": 2}, timeout=30)
     assert caught.value.error_type == "NoLiveInstance"
     assert "'calc'" in caught.value.detail
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from agents_reliability import drain, host, subscriber
-from helpers import running, take
+from helpers import eventually, running, take
 
 from behaviours import SubscriberBehaviour
 from mesh import Client, Message, Settings, on
@@ -66,28 +66,54 @@ async def test_a_failed_attempt_does_not_count_as_handled(settings: Settings) ->
     assert drain(once.seen) == []
 
 
+class OneAtATime(Once):
+    """Prefetch 1: while one instance holds a copy, the broker gives the next to the other."""
+
+    name = "once"
+    mailbox_size = 1
+
+
 async def test_two_deliveries_at_once_run_the_handler_once(settings: Settings) -> None:
-    """Two instances share the queue; while one handles the message, the other's copy waits
-    and is then skipped."""
-    first = subscriber(settings, Once, agent_id="once", instance="a")
-    second = subscriber(settings, Once, agent_id="once", instance="b")
+    """Two instances share the queue; while one handles the message, the other's copy is
+    deferred (again and again, while the first holds it), and skipped once it was handled."""
+    first = subscriber(settings, OneAtATime, agent_id="once", instance="a")
+    second = subscriber(settings, OneAtATime, agent_id="once", instance="b")
     client = Client(settings=settings)
+
+    def settled(outcome: str) -> float:
+        return sum(
+            agent.metrics.registry.get_sample_value(
+                "mesh_messages_total", {"behaviour": OneAtATime.name, "outcome": outcome}
+            )
+            or 0.0
+            for agent in (first, second)
+        )
+
     async with running(Gateway(settings=settings), first, second, client):
         await send_twice(client, "pay-2", {"hold": True})
-        seen = await _first_of(first.seen, second.seen)
-        assert seen[1] == "pay-2"
+        # One copy is in the handler, held; the other was delivered and put off meanwhile.
+        await eventually(lambda: settled("deferred") >= 2)
+        assert [s[1] for s in drain(first.seen) + drain(second.seen)] == ["pay-2"]
         first.release.set()
         second.release.set()
+        await eventually(lambda: settled("skipped") == 1)
         await client.publish("pay.in", {"n": 3})
-        later = await _first_of(first.seen, second.seen)
+        later = await take_any(first.seen, second.seen)
         assert later[2] == 3
-    assert [s for s in drain(first.seen) + drain(second.seen) if s[1] == "pay-2"] == []
+    assert drain(first.seen) + drain(second.seen) == []
+    assert settled("handled") == 2  # pay-2 once, and the later message
 
 
-async def _first_of(*queues: asyncio.Queue[tuple[str, str, object]]) -> tuple[str, str, object]:
-    getters = [asyncio.ensure_future(q.get()) for q in queues]
-    done, pending = await asyncio.wait(getters, timeout=15, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    assert done, "nothing handled within 15s"
-    return done.pop().result()
+async def take_any(
+    *queues: asyncio.Queue[tuple[str, str, object]],
+) -> tuple[str, str, object]:
+    """The one item the first of ``queues`` to get one holds."""
+
+    async def one() -> tuple[str, str, object]:
+        while True:
+            for queue in queues:
+                if not queue.empty():
+                    return queue.get_nowait()
+            await asyncio.sleep(0.01)
+
+    return await asyncio.wait_for(one(), 15)
