@@ -9,13 +9,17 @@ thousand behaviours (deleting such a vhost wedged one).  Redis is ``MESH_REDIS_U
 namespace of its own.  The private broker and its data directory are removed at the end.
 
 Prints, per queue type: seconds until every behaviour consumes (``Agent.start``), and seconds
-to stop.  Target (issue 8): 1,000 subscriber behaviours ready in 5 s or less.
+to stop; then the floor: aio-pika alone doing each behaviour's broker work (a channel with its
+prefetch, the queue with the mesh's arguments, two bindings, a consumer), as many at once, and
+the broker's CPU seconds meanwhile.  Target (issue 8): 1,000 subscriber behaviours ready in 5 s
+or less.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import resource
 import socket
 import sys
@@ -25,12 +29,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aio_pika
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis.asyncio as aioredis
 
 from behaviours import SubscriberBehaviour
-from mesh import Agent, Behaviour, Message, Settings, on
+from mesh import Agent, Behaviour, Message, Settings, on, topology
+from mesh.agent import STARTS_AT_ONCE
 from mesh.devservices import ensure_services, stop_services
 
 OPEN_FILES = 65_536
@@ -72,6 +79,45 @@ async def measure(settings: Settings, count: int, queue_type: str) -> tuple[floa
     return started, time.perf_counter() - began
 
 
+async def raw_floor(settings: Settings, count: int, queue_type: str) -> float:
+    """Seconds for aio-pika alone to do what ``count`` behaviours ask of the broker at start."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    slots = asyncio.Semaphore(STARTS_AT_ONCE)
+    arguments = topology.behaviour_queue_args(queue_type, settings.max_queue_length)
+
+    async def one(n: int) -> None:
+        async with slots:
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=10)
+            queue = await channel.declare_queue(
+                f"raw.{queue_type}.{n}", durable=True, arguments=arguments
+            )
+            await queue.bind(topology.TOPIC_EXCHANGE, f"raw.{n}")
+            await queue.bind(topology.TOPIC_EXCHANGE, f"raw.again.{n}")
+            await queue.consume(lambda incoming: incoming.ack())
+
+    try:
+        began = time.perf_counter()
+        await asyncio.gather(*(one(n) for n in range(count)))
+        return time.perf_counter() - began
+    finally:
+        await connection.close()
+
+
+def broker_cpu_seconds(port: int) -> float | None:
+    """CPU seconds the private broker (the Erlang VM listening on ``port``) has used."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            command = (stat.parent / "cmdline").read_bytes()
+            if b"beam" not in command or str(port).encode() not in command:
+                continue
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -81,8 +127,9 @@ def free_port() -> int:
 async def main(count: int, queue_types: list[str]) -> int:
     base = Settings.from_env()
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    port = free_port()
     settings = Settings.from_env(
-        amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/",
         redis_url=base.redis_url,
         namespace=namespace,
     )
@@ -102,6 +149,11 @@ async def main(count: int, queue_types: list[str]) -> int:
                 f"{count} {queue_type} subscriber behaviours: ready in {started:.2f} s, "
                 f"stopped in {stopped:.2f} s (target: ready in <= {TARGET_SECONDS:g} s)"
             )
+        for queue_type in queue_types:
+            cpu = broker_cpu_seconds(port)
+            floor = await raw_floor(settings, count, queue_type)
+            used = "" if cpu is None else f", broker CPU {broker_cpu_seconds(port) - cpu:.2f} s"
+            print(f"  floor, aio-pika alone, {count} {queue_type} queues: {floor:.2f} s{used}")
     finally:
         await asyncio.to_thread(stop_services, state_dir)
         redis = aioredis.from_url(base.redis_url)
