@@ -7,7 +7,7 @@ import click
 from mesh import logcontext
 from mesh.bridge import Bridge, BridgeConfig, BridgeError
 from mesh.bridge.server import server
-from mesh.cli.common import example, settings_or_exit
+from mesh.cli.common import example, log_level_option, settings_or_exit
 from mesh.policy import PolicyError, TokenError, load_policy
 from mesh.topology import TopicError
 
@@ -56,13 +56,7 @@ from mesh.topology import TopicError
     envvar="MESH_BRIDGE_INSECURE_OPEN",
     help="Serve without a policy: no tokens, every caller may do anything.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(logcontext.LEVELS, case_sensitive=False),
-    default="info",
-    show_default=True,
-    help="How much the bridge logs (its HTTP access log at info).",
-)
+@log_level_option("How much the bridge logs (its HTTP access log at info).")
 def bridge(  # noqa: PLR0917 -- one parameter per option, as click passes them
     host: str, port: int, agent_id: str, gateway_id: str, insecure_open: bool, log_level: str
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 import redis.asyncio as aioredis
+from click.decorators import FC
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
@@ -60,6 +61,17 @@ def load_agent_class(spec: str) -> type[Agent]:
         else f"{spec!r} is not an Agent subclass"
     )
     raise click.BadParameter(f"{problem} (Agent classes in it: {', '.join(found) or 'none'})")
+
+
+def log_level_option(help: str) -> Callable[[FC], FC]:
+    """``--log-level``: debug, info (the default), warning or error."""
+    return click.option(
+        "--log-level",
+        type=click.Choice(logcontext.LEVELS, case_sensitive=False),
+        default="info",
+        show_default=True,
+        help=help,
+    )
 
 
 def settings_or_exit() -> Settings:

@@ -9,7 +9,7 @@ from mode import ServiceT, Worker
 
 from mesh import logcontext, topology
 from mesh.agent import Agent
-from mesh.cli.common import example, load_agent_class, settings_or_exit
+from mesh.cli.common import example, load_agent_class, log_level_option, settings_or_exit
 from mesh.config import ConfigError, Settings
 from mesh.connection import BrokerUnavailable
 from mesh.gateway import Gateway
@@ -68,13 +68,7 @@ MIGRATE_HELP = (
 @click.argument("agent_class")
 @click.option("--id", "agent_id", required=True, help="The agent id (shared by replicas).")
 @click.option("--instance", default=None, help="Instance id (default: random).")
-@click.option(
-    "--log-level",
-    type=click.Choice(logcontext.LEVELS, case_sensitive=False),
-    default="info",
-    show_default=True,
-    help="debug logs every message handled (behaviour, topic, id, outcome, duration).",
-)
+@log_level_option("debug logs every message handled (behaviour, topic, id, outcome, duration).")
 @click.option("--migrate-queues", is_flag=True, help=MIGRATE_HELP)
 def run(
     agent_class: str, agent_id: str, instance: str | None, log_level: str, migrate_queues: bool
@@ -93,13 +87,7 @@ def run(
     "--id", "agent_id", default="gateway", show_default=True, help="The gateway's agent id."
 )
 @click.option("--instance", default=None, help="Instance id (default: random).")
-@click.option(
-    "--log-level",
-    type=click.Choice(logcontext.LEVELS, case_sensitive=False),
-    default="info",
-    show_default=True,
-    help="debug logs every message relayed or refused.",
-)
+@log_level_option("info logs each decision (allowed, denied); warning only problems.")
 @click.option("--migrate-queues", is_flag=True, help=MIGRATE_HELP)
 def gateway(agent_id: str, instance: str | None, log_level: str, migrate_queues: bool) -> None:
     """Run a gateway replica: relay mesh.policy to mesh.topic, file dead letters."""
