@@ -6,6 +6,7 @@ goes through this module.
 
 from __future__ import annotations
 
+import logging
 import operator
 import re
 from functools import cache, lru_cache
@@ -21,6 +22,8 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+
+logger = logging.getLogger(__name__)
 
 POLICY_EXCHANGE = "mesh.policy"
 TOPIC_EXCHANGE = "mesh.topic"
@@ -298,10 +301,27 @@ async def declare_exchanges(
         FILING_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
     )
     exchanges[FILING_EXCHANGE] = filing
-    stream = await declare_dead_letter_stream(channel, dead_letter_max_bytes, dead_letter_max_age)
-    await stream.bind(filing)
     incoming = await declare_dead_letter_incoming(channel)
     await incoming.bind(exchanges[DEAD_LETTER_EXCHANGE], "#")
+    # Last: a declare the broker refuses closes the channel.
+    try:
+        stream = await declare_dead_letter_stream(
+            channel, dead_letter_max_bytes, dead_letter_max_age
+        )
+    except QueueMismatch as mismatch:
+        # One stream serves the whole mesh, and deleting it would lose its dead letters: the
+        # retention it was declared with stands, and this process goes on with it.
+        logger.warning(
+            "%s exists with other retention than MESH_DEAD_LETTER_MAX_BYTES/_AGE ask "
+            "(%s); kept as it is, nothing lost. To apply the new settings, delete it once its "
+            "dead letters are no longer needed (rabbitmqctl delete_queue %s) and start a "
+            "gateway",
+            DEAD_LETTER_QUEUE,
+            mismatch.broker_says,
+            DEAD_LETTER_QUEUE,
+        )
+        return exchanges
+    await stream.bind(filing)
     return exchanges
 
 

@@ -427,6 +427,29 @@ class StrictAgent(Agent):
     behaviours = [Strict]
 
 
+async def test_other_retention_settings_keep_the_dead_letter_stream_and_its_letters(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway whose ``MESH_DEAD_LETTER_MAX_*`` differ from those ``mesh.dead`` was declared
+    with starts (it failed with ``TopologyError`` before), says so once, and files into the
+    stream as it is: deleting it to re-declare would lose its dead letters."""
+    tuned = settings.model_copy(update={"dead_letter_max_bytes": 5_000_000})
+    agent = StrictAgent("strict", settings=settings)
+    async with running(Agent("first", settings=tuned)):
+        pass
+    async with running(Gateway(settings=settings), agent):
+        message_id = await agent.publish("strict.item", {"n": "not a number"})
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            async with deadletter.DeadLetterStream(channel, "first") as reader:
+                dead = await reader.next(15)
+    assert mesh_id(dead) == message_id
+    kept = [r for r in caplog.records if r.getMessage().startswith("mesh.dead exists with other")]
+    assert kept, "no warning about the kept stream"
+    assert "x-max-length-bytes" in kept[0].getMessage()
+
+
 async def test_reading_dead_letters_does_not_consume_them(settings: Settings) -> None:
     """Two ``DeadLetterStream`` readers from offset "first", one after the other, both read
     the same dead letter at the same offset."""
