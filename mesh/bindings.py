@@ -14,13 +14,15 @@ binding already removed by hand costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractQueue
+from redis.exceptions import WatchError
 
 from mesh import topology
 from mesh.membership import REDIS_DOWN
@@ -72,24 +74,27 @@ class _LedgerDown(Exception):
     """Redis failed during ``reconcile`` (the redis-py or socket error is the cause)."""
 
 
-# Replaces a record only if it still holds exactly what was read (compared as a set), so a
-# start that read, bound and unbound before another start recorded starts over. One round trip
-# on any pooled connection: a WATCH would hold a connection of its own across the broker's
-# binds, one per behaviour starting at once, and cost two more round trips.
-_REPLACE_IF_UNCHANGED = """
-local read = tonumber(ARGV[1])
-if redis.call('SCARD', KEYS[1]) ~= read then return 0 end
-for i = 2, read + 1 do
-    if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then return 0 end
-end
-local ttl = tonumber(ARGV[read + 2])
-redis.call('DEL', KEYS[1])
-if #ARGV > read + 2 then
-    redis.call('SADD', KEYS[1], unpack(ARGV, read + 3))
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-end
-return 1
-"""
+class _Entry:
+    """A queue's record read under WATCH: ``replace`` fails if anyone wrote it since."""
+
+    def __init__(self, pipe: Any, key: str, bindings: set[Binding]) -> None:
+        self._pipe = pipe
+        self._key = key
+        self.bindings = bindings
+
+    async def replace(self, bindings: Iterable[Binding], expires: float | None) -> bool:
+        """Record ``bindings``; False (nothing written) if the record changed since the read."""
+        self._pipe.multi()
+        _replace(self._pipe, self._key, bindings, expires)
+        try:
+            await self._pipe.execute()
+        except WatchError:
+            # Also what redis-py raises when the connection drops under a WATCH; the next
+            # attempt's WATCH then fails as an outage.
+            return False
+        except REDIS_DOWN as exc:
+            raise _LedgerDown(str(exc)) from exc
+        return True
 
 
 class BindingLedger:
@@ -98,7 +103,6 @@ class BindingLedger:
     def __init__(self, redis: aioredis.Redis, namespace: str) -> None:
         self.redis = redis
         self.namespace = namespace
-        self._replace_if_unchanged = redis.register_script(_REPLACE_IF_UNCHANGED)
 
     def key(self, queue: str) -> str:
         """The Redis key of ``queue``'s record."""
@@ -124,31 +128,22 @@ class BindingLedger:
         """Drop ``queue``'s record (the queue is gone)."""
         await self.redis.unlink(self.key(queue))
 
-    async def _read(self, queue: str) -> tuple[list[bytes | str], set[Binding]]:
-        """``queue``'s record as stored (for ``_replace_if``) and decoded."""
+    @contextlib.asynccontextmanager
+    async def _watch(self, queue: str) -> AsyncIterator[_Entry]:
+        """``queue``'s record, read under WATCH on a connection held until the block ends."""
+        key = self.key(queue)
+        pipe = self.redis.pipeline(transaction=True)
         try:
-            members = list(await self.redis.smembers(self.key(queue)))
-        except REDIS_DOWN as exc:
-            raise _LedgerDown(str(exc)) from exc
-        return members, _decode(members)
-
-    async def _replace_if(
-        self,
-        queue: str,
-        read: list[bytes | str],
-        bindings: Iterable[Binding],
-        expires: float | None,
-    ) -> bool:
-        """Record ``bindings`` if the record still holds ``read``; else False, nothing written."""
-        ttl = 0 if expires is None else max(1, round(expires * 1000))
-        members = sorted(_encode(b) for b in bindings)
-        try:
-            replaced = await self._replace_if_unchanged(
-                keys=[self.key(queue)], args=[len(read), *read, ttl, *members]
-            )
-        except REDIS_DOWN as exc:
-            raise _LedgerDown(str(exc)) from exc
-        return bool(replaced)
+            try:
+                await pipe.watch(key)
+                members = await pipe.smembers(key)
+            except REDIS_DOWN as exc:
+                raise _LedgerDown(str(exc)) from exc
+            yield _Entry(pipe, key, _decode(members))
+        finally:
+            # A failed UNWATCH drops the connection, and the WATCH with it.
+            with contextlib.suppress(*REDIS_DOWN):
+                await pipe.aclose()
 
 
 async def _bind(queue: AbstractQueue, bindings: list[Binding]) -> None:
@@ -177,25 +172,23 @@ async def reconcile(
     # recorded last declares, and the ledger says so; the other version's own bindings are gone
     # (its messages no longer reach the queue) until one of its replicas starts again, and the
     # last version's messages that the other version's replicas take find no handler there and
-    # are dead-lettered. "Exactly" (once every start got to record) needs the compare: without it
+    # are dead-lettered. "Exactly" (once every start got to record) needs the WATCH: without it
     # two starts reading the same record could each leave the other's bindings on the broker,
-    # unrecorded for good. Each attempt binds and unbinds after its read and records only if the
-    # record still holds what it read, so when another start recorded in between, this one
-    # starts over from that record. (A record changed and changed back in between is safe too:
-    # whoever wrote it back bound its bindings after reading the change.)
+    # unrecorded for good. Each attempt binds and unbinds after its read, so when another start
+    # recorded in between, this one starts over from that record.
     try:
         for _ in range(_ATTEMPTS):
-            read, recorded = await ledger._read(queue.name)
-            await _bind(queue, wanted)
-            stale = recorded.difference(wanted)
-            for binding in sorted(stale):
-                if binding.exchange in topology.RETIRED_EXCHANGES:
-                    continue  # dropped from the record only (see RETIRED_EXCHANGES)
-                await queue.unbind(binding.exchange, binding.routing_key)
-                logger.info("queue %s: unbound %s %r", queue.name, *binding)
-            removed |= stale
-            if await ledger._replace_if(queue.name, read, wanted, expires):
-                return removed
+            async with ledger._watch(queue.name) as entry:
+                await _bind(queue, wanted)
+                stale = entry.bindings.difference(wanted)
+                for binding in sorted(stale):
+                    if binding.exchange in topology.RETIRED_EXCHANGES:
+                        continue  # dropped from the record only (see RETIRED_EXCHANGES)
+                    await queue.unbind(binding.exchange, binding.routing_key)
+                    logger.info("queue %s: unbound %s %r", queue.name, *binding)
+                removed |= stale
+                if await entry.replace(wanted, expires):
+                    return removed
         logger.warning(
             "queue %s: bindings not recorded, other starts kept recording first (%d attempts)",
             queue.name,

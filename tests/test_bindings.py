@@ -7,6 +7,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import aio_pika
 import pytest
@@ -203,3 +204,53 @@ async def test_two_versions_starting_at_once_leave_the_last_writers_bindings(
     finally:
         await other_redis.aclose()
         await other_connection.close()
+
+
+class PausedAtUnbind:
+    """A real queue whose first ``unbind`` waits for ``go`` (to interleave other starts)."""
+
+    def __init__(self, queue: AbstractQueue) -> None:
+        self._queue = queue
+        self.name = queue.name
+        self.at_unbind = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def bind(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._queue.bind(*args, **kwargs)
+
+    async def unbind(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.go.is_set():
+            self.at_unbind.set()
+            await self.go.wait()
+        return await self._queue.unbind(*args, **kwargs)
+
+
+async def test_a_record_changed_and_changed_back_meanwhile_makes_a_start_begin_again(
+    settings: Settings,
+    channel: AbstractChannel,
+    queue: AbstractQueue,
+    ledger: BindingLedger,
+    namespace: str,
+) -> None:
+    """Start P (new code, {C}) read {A} and bound C; before it unbinds A, another new start
+    records {C} and an old replica restarting records {A} again (unbinding C). P must not
+    record {C} over that as if nothing happened: its unbinding A would leave the queue bound
+    to nothing while the record says {C}. (A compare of the record's value alone misses it.)"""
+    await reconcile(queue, [A], ledger)
+    other = aioredis.from_url(settings.redis_url)
+    try:
+        paused = PausedAtUnbind(queue)
+        first = asyncio.create_task(
+            reconcile(cast(AbstractQueue, paused), [C], BindingLedger(other, namespace))
+        )
+        await asyncio.wait_for(paused.at_unbind.wait(), 10)
+        await reconcile(queue, [C], ledger)
+        await reconcile(queue, [A], ledger)
+        paused.go.set()
+        await asyncio.wait_for(first, 10)
+        recorded = await ledger.recorded(queue.name)
+        expected = [b.routing_key for b in (A, C) if b in recorded]
+        assert expected, recorded
+        assert await routed(channel, queue, A, C) == expected, recorded
+    finally:
+        await other.aclose()
