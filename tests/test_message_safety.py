@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aio_pika
@@ -431,12 +432,13 @@ async def test_other_retention_settings_keep_the_dead_letter_stream_and_its_lett
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A gateway whose ``MESH_DEAD_LETTER_MAX_*`` differ from those ``mesh.dead`` was declared
-    with starts (it failed with ``TopologyError`` before), says so once, and files into the
-    stream as it is: deleting it to re-declare would lose its dead letters."""
-    tuned = settings.model_copy(update={"dead_letter_max_bytes": 5_000_000})
+    with starts (it failed with ``TopologyError`` before), says so, and files into the stream
+    as it is: deleting it to declare it anew would lose its dead letters. Here the stream is
+    not even bound to ``mesh.filing`` (its declarer stopped before binding it): the filer binds
+    it rather than trying to declare it again and again."""
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        await topology.declare_dead_letter_stream(await connection.channel(), 5_000_000, "2h")
     agent = StrictAgent("strict", settings=settings)
-    async with running(Agent("first", settings=tuned)):
-        pass
     async with running(Gateway(settings=settings), agent):
         message_id = await agent.publish("strict.item", {"n": "not a number"})
         connection = await aio_pika.connect(settings.amqp_url)
@@ -448,6 +450,8 @@ async def test_other_retention_settings_keep_the_dead_letter_stream_and_its_lett
     kept = [r for r in caplog.records if r.getMessage().startswith("mesh.dead exists with other")]
     assert kept, "no warning about the kept stream"
     assert "x-max-length-bytes" in kept[0].getMessage()
+    filer = [r for r in caplog.records if r.name == "mesh.behaviour" and r.levelno >= logging.ERROR]
+    assert filer == []
 
 
 async def test_reading_dead_letters_does_not_consume_them(settings: Settings) -> None:

@@ -478,8 +478,12 @@ async def test_definitions_import_into_a_fresh_vhost(
             assert not await refused(vehicle, "mesh.policy", "vehicle.v7.speed")
             assert await refused(vehicle, "mesh.topic", "vehicle.v7.speed")
         async with await aio_pika.connect(fresh.amqp_url) as connection:
+            # Each declared as the definitions made it (a difference closes the channel).
             channel = await connection.channel()
             await topology.declare_exchanges(channel)
+            await topology.declare_dead_letter_stream(
+                await connection.channel(), fresh.dead_letter_max_bytes, fresh.dead_letter_max_age
+            )
         again = await mesh_provision(fresh, policy, "--credentials", credentials)
         # Redis users are not in a broker's definitions: they are all that is left to make.
         assert changes(again) == [

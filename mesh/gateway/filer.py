@@ -13,7 +13,8 @@ from mesh.bindings import Binding
 from mesh.deadcounts import MESH_REASON, DeadLetterCounts, death_of, describe
 from mesh.envelope import H_DEAD_BY_USER, H_FILED_AT, H_QUEUE, H_REASON, forwarded
 from mesh.membership import REDIS_DOWN
-from mesh.transport import Unroutable, ack
+from mesh.topology import QueueMismatch
+from mesh.transport import Unroutable, ack, settle
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,7 @@ class DeadLetterFiler(Behaviour):
         try:
             await transport.publish(topology.FILING_EXCHANGE, key, copy, mandatory=True)
         except Unroutable:
-            settings = self.agent.settings
-            stream = await topology.declare_dead_letter_stream(
-                transport.channel, settings.dead_letter_max_bytes, settings.dead_letter_max_age
-            )
-            await stream.bind(topology.FILING_EXCHANGE)
+            await self._restore_stream()
             await transport.publish(topology.FILING_EXCHANGE, key, copy, mandatory=True)
         try:
             await self.counts.add(queue, reason)
@@ -78,3 +75,26 @@ class DeadLetterFiler(Behaviour):
             # The dead letter itself is safe in the stream; only the count misses it.
             logger.warning("dead letter from %s filed but not counted (Redis: %s)", queue, exc)
         await ack(incoming)
+
+    async def _restore_stream(self) -> None:
+        """Declare ``mesh.dead`` where it is missing and bind it to ``mesh.filing``.
+
+        It may exist unbound: declared with other retention than this gateway's settings ask
+        (``declare_exchanges`` then keeps it as it is) and its binding never made.  Channels of
+        its own: a declare the broker refuses closes its channel.
+        """
+        transport = self.agent.transport
+        settings = self.agent.settings
+        channel = await transport.open_channel()
+        try:
+            stream = await topology.declare_dead_letter_stream(
+                channel, settings.dead_letter_max_bytes, settings.dead_letter_max_age
+            )
+        except QueueMismatch:
+            await settle(channel.close())
+            channel = await transport.open_channel()
+            stream = await channel.get_queue(topology.DEAD_LETTER_QUEUE, ensure=False)
+        try:
+            await stream.bind(topology.FILING_EXCHANGE)
+        finally:
+            await settle(channel.close())
