@@ -79,6 +79,24 @@ async def measure(settings: Settings, count: int, queue_type: str) -> tuple[floa
     return started, time.perf_counter() - began
 
 
+def mesh_queue(queue_type: str, n: int) -> str:
+    return topology.behaviour_queue(f"many-{queue_type}", f"sub{n}")
+
+
+def raw_queue(queue_type: str, n: int) -> str:
+    return f"raw.{queue_type}.{n}"
+
+
+async def delete_queues(settings: Settings, names: list[str]) -> None:
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+    finally:
+        await connection.close()
+
+
 async def raw_floor(settings: Settings, count: int, queue_type: str) -> float:
     """Seconds for aio-pika alone to do what ``count`` behaviours ask of the broker at start."""
     connection = await aio_pika.connect(settings.amqp_url)
@@ -90,7 +108,7 @@ async def raw_floor(settings: Settings, count: int, queue_type: str) -> float:
             channel = await connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=10)
             queue = await channel.declare_queue(
-                f"raw.{queue_type}.{n}", durable=True, arguments=arguments
+                raw_queue(queue_type, n), durable=True, arguments=arguments
             )
             await queue.bind(topology.TOPIC_EXCHANGE, f"raw.{n}")
             await queue.bind(topology.TOPIC_EXCHANGE, f"raw.again.{n}")
@@ -142,6 +160,7 @@ async def main(count: int, queue_types: list[str]) -> int:
     try:
         print(f"starting a private RabbitMQ (open files {limit}) in {state_dir} ...")
         await asyncio.to_thread(ensure_services, settings, state_dir=state_dir)
+        # Each measurement's queues are deleted before the next, so none runs beside them.
         for queue_type in queue_types:
             started, stopped = await measure(settings, count, queue_type)
             missed |= started > TARGET_SECONDS
@@ -149,11 +168,14 @@ async def main(count: int, queue_types: list[str]) -> int:
                 f"{count} {queue_type} subscriber behaviours: ready in {started:.2f} s, "
                 f"stopped in {stopped:.2f} s (target: ready in <= {TARGET_SECONDS:g} s)"
             )
+            await delete_queues(settings, [mesh_queue(queue_type, n) for n in range(count)])
         for queue_type in queue_types:
-            cpu = broker_cpu_seconds(port)
+            before = broker_cpu_seconds(port)
             floor = await raw_floor(settings, count, queue_type)
-            used = "" if cpu is None else f", broker CPU {broker_cpu_seconds(port) - cpu:.2f} s"
+            after = broker_cpu_seconds(port)
+            used = "" if before is None or after is None else f", broker CPU {after - before:.2f} s"
             print(f"  floor, aio-pika alone, {count} {queue_type} queues: {floor:.2f} s{used}")
+            await delete_queues(settings, [raw_queue(queue_type, n) for n in range(count)])
     finally:
         await asyncio.to_thread(stop_services, state_dir)
         redis = aioredis.from_url(base.redis_url)

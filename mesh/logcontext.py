@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,7 +36,7 @@ def handling(message: str) -> Iterator[None]:
         message_id.reset(token)
 
 
-LEVELS = ("debug", "info", "warning", "error")
+LEVELS = ("debug", "info", "warning", "error", "critical")
 """The levels the ``mesh`` command's ``--log-level`` takes."""
 
 LIBRARY_FLOORS = {name: logging.INFO for name in ("aiormq", "aio_pika", "redis", "asyncio")}
@@ -57,7 +58,8 @@ class ModeLifecycleFilter(logging.Filter):
         # Found, not imported: commands that log need not pay for importing mode.
         spec = find_spec("mode")
         locations = spec.submodule_search_locations if spec else None
-        self._mode = locations[0] if locations else "//no mode//"
+        # With the separator: a package named "model…" beside it is not mode's.
+        self._mode = os.path.join(locations[0], "") if locations else "//no mode//"
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or not record.pathname.startswith(self._mode)

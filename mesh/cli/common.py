@@ -63,14 +63,14 @@ def load_agent_class(spec: str) -> type[Agent]:
     raise click.BadParameter(f"{problem} (Agent classes in it: {', '.join(found) or 'none'})")
 
 
-def log_level_option(help: str) -> Callable[[FC], FC]:
-    """``--log-level``: debug, info (the default), warning or error."""
+def log_level_option(description: str) -> Callable[[FC], FC]:
+    """``--log-level``: one of ``logcontext.LEVELS``, info by default."""
     return click.option(
         "--log-level",
         type=click.Choice(logcontext.LEVELS, case_sensitive=False),
         default="info",
         show_default=True,
-        help=help,
+        help=description,
     )
 
 

@@ -129,7 +129,7 @@ def provision_policy(
     except ProvisionError as exc:
         raise click.ClickException(str(exc)) from None
     except ManagementError as exc:
-        refused = any(sign in str(exc) for sign in ("refused user", "HTTP 401", "HTTP 403"))
+        refused = exc.status in (401, 403)
         hint = (
             " (mesh provision runs as a broker administrator: the user of "
             "MESH_MANAGEMENT_URL, by default MESH_AMQP_URL's)"
