@@ -26,6 +26,7 @@ from mesh.envelope import (
     EnvelopeError,
     Message,
     MessageType,
+    error_of,
     from_amqp,
     to_amqp,
 )
@@ -595,10 +596,7 @@ class Agent(Service):
         if reply is None:
             raise AgentStopped(f"agent {self.id} stopped while waiting for {agent}.{operation}")
         if reply.type is MessageType.ERROR:
-            body = reply.payload if isinstance(reply.payload, dict) else {}
-            raise RemoteError(
-                agent, operation, str(body.get("type", "Error")), str(body.get("error", body))
-            )
+            raise RemoteError(agent, operation, *error_of(reply.payload))
         if model is not None:
             return model.model_validate(reply.payload)
         return reply.payload
@@ -769,7 +767,7 @@ class Agent(Service):
         """An error notice that answers no request: the gateway refused (``Denied``) or
         could not route an event this instance sent, whose id the body's ``message_id``
         names.  Logged; the bridge overrides it to tell whoever sent the event."""
-        logger.warning("error notice from %s: %s", message.app_id, message.payload)
+        logger.warning("error notice from %s: %s: %s", message.app_id, *error_of(message.payload))
 
     async def _on_control(self, message: Message) -> None:
         if self._leaving:

@@ -105,6 +105,12 @@ class Message(BaseModel):
     """Which attempt at handling this message this is: 1, then one more per handler failure."""
 
 
+def error_of(payload: Any) -> tuple[str, str]:
+    """An error message's body, ``{"error": text, "type": name}``, as ``(name, text)``."""
+    body = payload if isinstance(payload, dict) else {}
+    return str(body.get("type", "Error")), str(body.get("error", payload))
+
+
 def encode_body(payload: Any) -> bytes:
     """JSON-encode a payload: a pydantic model, or anything JSON can hold."""
     try:

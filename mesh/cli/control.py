@@ -10,6 +10,7 @@ import click
 
 from mesh import topology
 from mesh.cli.common import echo_json, example, with_client
+from mesh.envelope import error_of
 from mesh.topology import TopicError
 
 
@@ -42,7 +43,8 @@ def _control(agent: str, command: str, payload: dict[str, Any], timeout: float) 
         instance = answer.instance or "?"
         if answer.type == "error":
             failed = True
-            click.echo(f"{answer.app_id}/{instance}: {_error_text(answer.payload)}", err=True)
+            error_type, detail = error_of(answer.payload)
+            click.echo(f"{answer.app_id}/{instance}: {error_type}: {detail}", err=True)
         else:
             click.echo(f"{answer.app_id}/{instance}: {json.dumps(answer.payload)}")
     if failed:
@@ -52,13 +54,6 @@ def _control(agent: str, command: str, payload: dict[str, Any], timeout: float) 
 @click.group(epilog=example("mesh behaviour stop v7 report", "mesh behaviour start v7 report"))
 def behaviour() -> None:
     """Start or stop a behaviour of a running agent (every instance)."""
-
-
-def _error_text(payload: Any) -> str:
-    """An agent's error answer ``{"error": text, "type": name}`` as the text a user reads."""
-    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        return f"{payload.get('type') or 'error'}: {payload['error']}"
-    return f"error: {payload}"
 
 
 @behaviour.command("start", epilog=example("mesh behaviour start v7 report"))
