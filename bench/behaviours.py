@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import socket
 import sys
 import tempfile
@@ -178,6 +179,7 @@ async def main(count: int, queue_types: list[str]) -> int:
             await delete_queues(settings, [raw_queue(queue_type, n) for n in range(count)])
     finally:
         await asyncio.to_thread(stop_services, state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
         redis = aioredis.from_url(base.redis_url)
         async for key in redis.scan_iter(match=f"{namespace}:*"):
             await redis.unlink(key)
