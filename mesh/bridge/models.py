@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from mesh.audit import AuditRecord
+from mesh.audit import AuditEntry
 from mesh.redrive import RedriveResult
 from mesh.registry import AgentRecord
 
@@ -66,19 +66,6 @@ class ControlResult(BaseModel):
     """How many live instances the registry listed (each is asked)."""
     instances: list[InstanceAnswer]
     """Those that answered in time."""
-
-
-class AuditEntry(BaseModel):
-    """A record of the audit trail with what seals it (``mesh audit export``'s lines)."""
-
-    chain: str
-    id: str
-    """Its stream entry id (Redis time of the append, ms, and a counter)."""
-    seq: int
-    kid: str
-    prev: str
-    mac: str
-    record: AuditRecord
 
 
 class AuditPage(BaseModel):

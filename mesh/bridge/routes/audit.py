@@ -8,7 +8,7 @@ from redis.exceptions import NoPermissionError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mesh.audit import DECISIONS, AuditError, AuditFilter, AuditReader
+from mesh.audit import DECISIONS, AuditEntry, AuditError, AuditFilter, AuditReader
 from mesh.bridge.errors import ApiError
 from mesh.bridge.models import AuditPage
 from mesh.bridge.service import bridge_of
@@ -72,7 +72,8 @@ async def audit(request: Request) -> Response:
     limit = _limit(query.get("limit"))
     since, until = _time_ms(query.get("since"), "since"), _time_ms(query.get("until"), "until")
     reader = AuditReader(bridge.agent.redis, bridge.settings.namespace, scan=False)
-    shown, scanned, complete = [], 0, True
+    shown: list[AuditEntry] = []
+    scanned, complete = 0, True
     try:
         # Unfiltered here: each record read counts against the bound, shown or not.
         async for entry in reader.entries(since_ms=since, until_ms=until, newest_first=True):
@@ -81,7 +82,7 @@ async def audit(request: Request) -> Response:
                 break
             scanned += 1
             if where.accepts(entry.record) and bridge.access.may_read(caller, entry.record):
-                shown.append(entry.as_dict())
+                shown.append(entry)
                 if len(shown) >= limit:
                     complete = False
                     break
@@ -93,7 +94,7 @@ async def audit(request: Request) -> Response:
         ) from None
     except (*REDIS_DOWN, AuditError) as exc:
         raise ApiError(503, f"the audit trail (Redis) could not be read: {exc}") from None
-    page = AuditPage.model_validate({"records": shown, "scanned": scanned, "complete": complete})
+    page = AuditPage(records=shown, scanned=scanned, complete=complete)
     return JSONResponse(page.model_dump(mode="json", exclude_none=True))
 
 
