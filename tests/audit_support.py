@@ -10,7 +10,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from helpers import eventually
 
-from mesh.audit import AuditKeys, AuditRecord, AuditWriter
+from mesh import Settings
+from mesh.audit import AuditEntry, AuditKeys, AuditReader, AuditRecord, AuditWriter
 from mesh.audit.link import as_page
 from mesh.audit.streams import chain_key
 
@@ -92,3 +93,13 @@ async def next_ms(redis: aioredis.Redis) -> int:
 async def _later(redis: aioredis.Redis, mark: int) -> int:
     now = await redis_ms(redis)
     return now if now > mark else 0
+
+
+async def redrive_records(settings: Settings) -> list[AuditEntry]:
+    """The gateway's redrive decisions in its audit trail, oldest first."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        reader = AuditReader(client, settings.namespace)
+        return [e async for e in reader.entries() if e.record.stage == "redrive"]
+    finally:
+        await client.aclose()

@@ -13,14 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from agents_reliability import Host, host
+from audit_support import redrive_records
 from bridge_support import CONFIG, KEY, Mesh, delete_users, provisioned
 from helpers import eventually, running
 
 from behaviours import SubscriberBehaviour
 from mesh import Message, Settings, on
-from mesh.audit import AuditEntry, AuditReader
 from mesh.bridge import Bridge, create_app
 from mesh.gateway import Gateway
 from mesh.policy import TokenStore, broker_user
@@ -111,14 +110,6 @@ async def listed(live: Live, message_id: str) -> dict[str, Any]:
     await eventually(filed, timeout=20, what=f"dead letter of {message_id} listed")
     return found[0]
 
-
-async def redrive_records(settings: Settings) -> list[AuditEntry]:
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        reader = AuditReader(client, settings.namespace)
-        return [e async for e in reader.entries() if e.record.stage == "redrive"]
-    finally:
-        await client.aclose()
 
 
 async def test_a_dead_letter_is_listed_and_redriven_for_the_caller(live: Live) -> None:

@@ -17,14 +17,13 @@ from typing import Any
 
 import aio_pika
 import pytest
-import redis.asyncio as aioredis
 from agents_reliability import Host, host
+from audit_support import redrive_records
 from click.testing import CliRunner
 from helpers import eventually, mesh_cli, running
 
 from behaviours import SubscriberBehaviour
 from mesh import Client, Message, RemoteError, Settings, on, topology
-from mesh.audit import AuditEntry, AuditReader
 from mesh.cli import main
 from mesh.deadlist import DeadLetter, read_dead_letters, stream_end
 from mesh.envelope import H_DEAD_BY, H_QUEUE, H_REASON, H_TOPIC, new_message_id
@@ -123,15 +122,6 @@ async def dead_letter_of(settings: Settings, message_id: str) -> DeadLetter:
     await eventually(filed, timeout=20, what=f"dead letter of {message_id} filed")
     return found[0]
 
-
-async def redrive_records(settings: Settings) -> list[AuditEntry]:
-    """The gateway's redrive decisions in its audit trail, oldest first."""
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        reader = AuditReader(client, settings.namespace)
-        return [e async for e in reader.entries() if e.record.stage == "redrive"]
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
