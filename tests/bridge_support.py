@@ -220,13 +220,14 @@ async def running_bridge(
         )
         url = None
         if serve:
-            url = await stack.enter_async_context(_served(bridge))
+            url = await stack.enter_async_context(served(bridge))
         yield Running(mesh, bridge, service, client, url)
         service.release.set()
 
 
 @asynccontextmanager
-async def _served(bridge: Bridge) -> AsyncIterator[str]:
+async def served(bridge: Bridge) -> AsyncIterator[str]:
+    """``bridge`` served by uvicorn (its app's lifespan starts and stops it): host:port."""
     uvicorn = server(bridge)
     task = asyncio.create_task(uvicorn.serve())
     try:

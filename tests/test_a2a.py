@@ -40,14 +40,13 @@ from a2a.types import (
     TaskNotFoundError,
     TaskState,
 )
-from bridge_support import POLICY, Mesh, Service, delete_users, provisioned
+from bridge_support import POLICY, Mesh, Service, delete_users, provisioned, served
 from google.protobuf.json_format import MessageToDict
 from helpers import eventually, free_port, running, take
 
 from mesh import Message as MeshMessage
 from mesh import Settings, rpc
 from mesh.bridge import Bridge, BridgeConfig, create_app
-from mesh.bridge.server import server
 from mesh.envelope import H_ON_BEHALF_OF
 from mesh.gateway import Gateway
 from mesh.policy import Policy, TokenStore, parse_policy
@@ -115,21 +114,6 @@ class Live:
 
 
 @asynccontextmanager
-async def served(bridge: Bridge) -> AsyncIterator[str]:
-    """``bridge`` served by uvicorn; its app's lifespan starts and stops it."""
-    uvicorn = server(bridge)
-    task = asyncio.create_task(uvicorn.serve())
-    try:
-        await eventually(lambda: uvicorn.started or task.done(), what="uvicorn started")
-        if task.done():
-            task.result()
-        yield f"http://127.0.0.1:{bridge.config.port}"
-    finally:
-        uvicorn.should_exit = True
-        await task
-
-
-@asynccontextmanager
 async def a2a_mesh(
     mesh: Mesh, *, replicas: int = 1, bridge_policy: Policy | None = None
 ) -> AsyncIterator[Live]:
@@ -148,7 +132,8 @@ async def a2a_mesh(
                 tokens=TokenStore.for_policy(mesh.policy),
             )
             replica = await stack.enter_async_context(AsyncExitStack())
-            live.urls.append(await replica.enter_async_context(served(bridge)))
+            address = await replica.enter_async_context(served(bridge))
+            live.urls.append(f"http://{address}")
             live.replicas.append(replica)
         stack.callback(calc.release.set)  # first thing on the way out: no handler waits
         yield live
